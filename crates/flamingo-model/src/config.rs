@@ -1,0 +1,111 @@
+//! Model configuration: what is read from the three sources, what is inferred from the weights,
+//! and the optional `flamingo.toml` overrides.
+
+use serde::Deserialize;
+
+use crate::perceiver::PerceiverConfig;
+use crate::vision::VisionConfig;
+use crate::xattn::XattnConfig;
+
+/// The language-model families, by `model_type` in `lm/config.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LmFamily {
+    MosaicGpt,
+    Mpt,
+    GptNeoX,
+    Llama,
+}
+
+impl LmFamily {
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "mosaic_gpt" => Self::MosaicGpt,
+            "mpt" => Self::Mpt,
+            "gpt_neox" => Self::GptNeoX,
+            "llama" => Self::Llama,
+            _ => return None,
+        })
+    }
+
+    pub const SUPPORTED: &'static str = "mosaic_gpt, mpt, gpt_neox, llama";
+
+    /// Where the decoder layers sit in the HF module tree (and so in `checkpoint.pt`).
+    pub fn decoder_layers_path(self) -> &'static str {
+        match self {
+            Self::MosaicGpt | Self::Mpt => "transformer.blocks",
+            Self::GptNeoX => "gpt_neox.layers",
+            Self::Llama => "model.layers",
+        }
+    }
+}
+
+/// Optional `DIR/flamingo.toml`: overrides for what is otherwise read or inferred.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Place a gated block before decoder layer `i` iff `(i+1) % n == 0` (must match the
+    /// checkpoint's keys). Inferred from the checkpoint when absent.
+    pub cross_attn_every_n_layers: Option<usize>,
+    #[serde(default)]
+    pub vision: VisionOverrides,
+    #[serde(default)]
+    pub perceiver: HeadOverrides,
+    #[serde(default)]
+    pub xattn: HeadOverrides,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionOverrides {
+    /// Apply `ln_post` to the patch tokens (open_clip >= 2.23 behaviour). Default false, as the
+    /// released checkpoints were trained.
+    pub ln_post_on_tokens: Option<bool>,
+    /// Override open_clip's `quick_gelu`.
+    pub quick_gelu: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadOverrides {
+    /// Width of one attention head (default 64, as in OpenFlamingo); heads = inner / dim_head.
+    pub dim_head: Option<usize>,
+}
+
+/// Everything the model was built with, after inference and overrides.
+#[derive(Debug, Clone)]
+pub struct ResolvedConfig {
+    pub family: LmFamily,
+    pub vision: VisionConfig,
+    pub perceiver: PerceiverConfig,
+    pub xattn: XattnConfig,
+    /// Decoder layers that have a gated cross-attention block before them.
+    pub gated_layers: Vec<usize>,
+    /// The interval when the gated layers follow OpenFlamingo's `(i+1) % n == 0` rule.
+    pub cross_attn_every_n_layers: Option<usize>,
+    pub media_token_id: u32,
+    pub eoc_token_id: u32,
+    pub eos_token_id: Option<u32>,
+    pub vocab_rows: usize,
+}
+
+/// The interval `n` such that `gated == {i : (i+1) % n == 0}`, if any.
+pub fn infer_interval(gated: &[usize], num_layers: usize) -> Option<usize> {
+    (1..=num_layers).find(|&n| {
+        let want: Vec<usize> = (0..num_layers).filter(|i| (i + 1) % n == 0).collect();
+        want == gated
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_from_layers() {
+        assert_eq!(infer_interval(&[0, 1, 2, 3], 4), Some(1));
+        assert_eq!(infer_interval(&[1, 3], 4), Some(2));
+        assert_eq!(infer_interval(&[3, 7, 11, 15, 19, 23, 27, 31], 32), Some(4));
+        assert_eq!(infer_interval(&[0, 2], 4), None);
+    }
+}

@@ -1,0 +1,35 @@
+//! # flamingo-model
+//!
+//! Flamingo-family visual language models (DeepMind's Flamingo, NeurIPS 2022; OpenFlamingo) in
+//! pure candle: a CLIP ViT vision tower, the Perceiver Resampler, tanh-gated cross-attention
+//! layers interleaved into a language model (MosaicGPT, MPT, GPT-NeoX, LLaMA), exact loading of
+//! the released checkpoints, PIL-exact preprocessing, the tokenizer with OpenFlamingo's special
+//! tokens, and generation (greedy, sampling, beam search).
+//!
+//! Design: weights are immutable and shared; per-request state ([`SequenceState`]: self-attention
+//! KV, cross-attention K/V computed once per request, media count) is owned by the caller, and
+//! [`Flamingo::forward`] runs a ragged batch of sequences so a serving engine can batch decode
+//! steps across requests. No async runtime, no HTTP.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod lm;
+pub mod loader;
+pub mod model;
+pub mod nn;
+pub mod perceiver;
+pub mod preprocess;
+pub mod state;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+pub mod xattn;
+
+pub use candle_core as candle;
+pub use error::{Error, Result};
+pub use loader::{load, Loaded, ModelFiles};
+pub use model::{Flamingo, Input, Logits};
+pub use state::SequenceState;
+pub use tokenizer::FlamingoTokenizer;

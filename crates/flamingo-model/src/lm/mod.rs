@@ -1,0 +1,184 @@
+//! Language-model families. Each family lives in its own file, with a serde mirror of its
+//! `config.json` and module/key names exactly as in its checkpoints.
+//!
+//! All families run on a *ragged batch*: the new tokens of several sequences are stacked into one
+//! `[n, d]` activation so every weight matrix is read once per step for all of them; only
+//! self-attention runs per sequence, over that sequence's own KV cache.
+
+pub mod gpt_neox;
+pub mod llama;
+pub mod mosaic_gpt;
+pub mod mpt;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use crate::nn::{attention, causal_mask, merge_heads, repeat_kv, split_heads};
+use crate::state::SequenceState;
+
+/// The sequences of one forward call: `lens[i]` new tokens of `seqs[i]`, stacked in order, each
+/// with `pasts[i]` tokens already in its caches.
+pub struct Batch<'a, 'b> {
+    pub seqs: &'a mut [&'b mut SequenceState],
+    pub lens: Vec<usize>,
+    pub pasts: Vec<usize>,
+}
+
+impl Batch<'_, '_> {
+    /// Absolute position of every stacked row.
+    pub fn positions(&self) -> Vec<u32> {
+        self.lens
+            .iter()
+            .zip(&self.pasts)
+            .flat_map(|(&len, &past)| (past..past + len).map(|p| p as u32))
+            .collect()
+    }
+
+    pub fn total(&self) -> usize {
+        self.lens.iter().sum()
+    }
+}
+
+/// One decoder layer of a language model.
+pub trait DecoderLayer: Send + Sync {
+    /// `x`: `[n, hidden]` rows of `batch`; appends this layer's K/V to each sequence's cache.
+    fn forward(&self, x: &Tensor, batch: &mut Batch) -> Result<Tensor>;
+}
+
+/// A decoder-only language model split so that Flamingo can run a gated cross-attention block
+/// before any of its layers.
+pub trait LanguageModel: Send + Sync {
+    /// Token ids `[n]` -> embeddings `[n, hidden]` (plus learned positions where a family has them).
+    fn embed(&self, ids: &Tensor, positions: &[u32]) -> Result<Tensor>;
+    fn num_layers(&self) -> usize;
+    fn layer(&self, i: usize) -> &dyn DecoderLayer;
+    /// Final norm and output head: `[m, hidden]` -> `[m, vocab]`.
+    fn logits(&self, x: &Tensor) -> Result<Tensor>;
+    fn hidden_size(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+}
+
+/// Head geometry and positional scheme of a self-attention.
+pub(crate) struct SelfAttention {
+    pub layer: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f64,
+    /// ALiBi slopes per head (MPT family); the bias for key `j` of `s` keys is
+    /// `slope · (j − (s − 1))`, as the reference builds it.
+    pub alibi: Option<Tensor>,
+}
+
+impl SelfAttention {
+    /// q `[n, heads*hd]`, k/v `[n, kv_heads*hd]` -> `[n, heads*hd]`.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, batch: &mut Batch) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(batch.seqs.len());
+        let mut off = 0;
+        let rep = self.heads / self.kv_heads;
+        for (i, st) in batch.seqs.iter_mut().enumerate() {
+            let (len, past) = (batch.lens[i], batch.pasts[i]);
+            if len == 0 {
+                continue;
+            }
+            let qi = split_heads(&q.narrow(0, off, len)?, self.heads)?;
+            let ki = split_heads(&k.narrow(0, off, len)?, self.kv_heads)?;
+            let vi = split_heads(&v.narrow(0, off, len)?, self.kv_heads)?;
+            let (ka, va) = st.kv[self.layer].append(&ki, &vi)?;
+            let (ka, va) = (repeat_kv(&ka, rep)?, repeat_kv(&va, rep)?);
+            let s = past + len;
+            let mut bias = causal_mask(len, past, q.device())?;
+            if let Some(slopes) = &self.alibi {
+                let dist: Vec<f32> = (0..s).map(|j| j as f32 - (s - 1) as f32).collect();
+                let dist = Tensor::from_vec(dist, (1, 1, s), q.device())?;
+                let ab = slopes.reshape((self.heads, 1, 1))?.broadcast_mul(&dist)?;
+                bias = Some(match bias {
+                    Some(m) => ab.broadcast_add(&m)?,
+                    None => ab,
+                });
+            }
+            let o = attention(&qi, &ka, &va, self.scale, bias.as_ref())?;
+            outs.push(merge_heads(&o)?);
+            off += len;
+        }
+        Tensor::cat(&outs, 0)
+    }
+}
+
+/// Rotary position embedding in the "rotate half" convention of HF's GPT-NeoX and LLaMA, applied
+/// to the first `rot_dims` dimensions of each head.
+pub(crate) struct Rotary {
+    inv_freq: Vec<f32>,
+    rot_dims: usize,
+}
+
+impl Rotary {
+    pub fn new(rot_dims: usize, base: f64) -> Self {
+        // As HF computes it, in f32: 1 / base^(arange(0, dim, 2) / dim).
+        let inv_freq = (0..rot_dims)
+            .step_by(2)
+            .map(|i| 1f32 / (base as f32).powf(i as f32 / rot_dims as f32))
+            .collect();
+        Self { inv_freq, rot_dims }
+    }
+
+    /// `x`: `[n, heads * head_dim]` rows at `positions` -> same shape, rotated.
+    pub fn apply(&self, x: &Tensor, heads: usize, positions: &[u32]) -> Result<Tensor> {
+        let (n, hd) = x.dims2()?;
+        let head_dim = hd / heads;
+        let half = self.rot_dims / 2;
+        let (cos, sin) = self.tables(positions, x.device())?;
+        let x = x.reshape((n, heads, head_dim))?;
+        let dtype = x.dtype();
+        let xr = x.narrow(D::Minus1, 0, self.rot_dims)?.to_dtype(DType::F32)?;
+        let x1 = xr.narrow(D::Minus1, 0, half)?;
+        let x2 = xr.narrow(D::Minus1, half, half)?;
+        let cos = cos.unsqueeze(1)?;
+        let sin = sin.unsqueeze(1)?;
+        let o1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let o2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        let mut parts = vec![o1.to_dtype(dtype)?, o2.to_dtype(dtype)?];
+        if self.rot_dims < head_dim {
+            parts.push(x.narrow(D::Minus1, self.rot_dims, head_dim - self.rot_dims)?);
+        }
+        Tensor::cat(&parts, D::Minus1)?.reshape((n, hd))
+    }
+
+    fn tables(&self, positions: &[u32], dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (positions.len(), half), dev)?,
+            Tensor::from_vec(sin, (positions.len(), half), dev)?,
+        ))
+    }
+}
+
+/// Resizes an embedding / output-head matrix to `rows`, as OpenFlamingo's
+/// `resize_token_embeddings(len(tokenizer))` does: extra rows are dropped; missing rows (new
+/// tokens whose trained values the checkpoint does not hold) are set to the mean of the existing
+/// rows, a deterministic stand-in for HF's random initialisation.
+pub(crate) fn resize_rows(t: Tensor, rows: usize) -> Result<Tensor> {
+    let (have, d) = t.dims2()?;
+    if have == rows {
+        Ok(t)
+    } else if have > rows {
+        t.narrow(0, 0, rows)?.contiguous()
+    } else {
+        let mean = t.to_dtype(DType::F32)?.mean_keepdim(0)?.to_dtype(t.dtype())?;
+        let extra = mean.broadcast_as((rows - have, d))?.contiguous()?;
+        Tensor::cat(&[&t, &extra], 0)
+    }
+}
+
+/// An embedding table used as a lookup.
+pub(crate) fn embed_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    table.index_select(ids, 0)
+}

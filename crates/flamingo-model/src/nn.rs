@@ -1,0 +1,168 @@
+//! Small building blocks shared by the vision tower, the Perceiver and the language models.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+pub use candle_nn::{Linear, RmsNorm};
+
+/// `nn.Linear(in, out, bias)` with PyTorch's `[out, in]` weight layout.
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+/// LayerNorm over the last dimension (biased variance), optionally without bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let bias = if bias { Some(vb.get(dim, "bias")?) } else { None };
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // Statistics in f32 whatever the activation dtype (as torch's layer_norm does on CPU/GPU).
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let dim = xf.dim(D::Minus1)?;
+        let mean = (xf.sum_keepdim(D::Minus1)? / dim as f64)?;
+        let xc = xf.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / dim as f64)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        let y = y.broadcast_mul(&self.weight)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+pub fn rms_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(vb.get(dim, "weight")?, eps))
+}
+
+/// Activation functions by the names used in the configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact (erf) GELU, `nn.GELU()`.
+    Gelu,
+    /// tanh-approximated GELU, `gelu_new` / `gelu_pytorch_tanh`.
+    GeluTanh,
+    /// open_clip's QuickGELU: `x * sigmoid(1.702 x)`.
+    QuickGelu,
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "silu" | "swish" => Self::Silu,
+            "relu" => Self::Relu,
+            _ => return None,
+        })
+    }
+}
+
+impl Module for Activation {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Self::Silu => x.silu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+/// `softmax(q kᵀ · scale + bias)` v for one sequence: q `[h, t, d]`, k/v `[h, s, d]`,
+/// `bias` broadcastable to `[h, t, s]`. Scores are computed in f32.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let q = q.to_dtype(DType::F32)?;
+    let k = k.to_dtype(DType::F32)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match bias {
+        Some(b) => scores.broadcast_add(b)?,
+        None => scores,
+    };
+    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+    p.matmul(&v.to_dtype(DType::F32)?)?.to_dtype(dtype)
+}
+
+/// Additive causal mask `[t, s]` for `t` new queries after `past` cached keys (`s = past + t`):
+/// query `i` sees keys `0..=past+i`.
+pub fn causal_mask(t: usize, past: usize, device: &candle_core::Device) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let s = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, s), device)?))
+}
+
+/// Splits rows `[n, h*d]` into heads `[h, n, d]` (contiguous).
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (n, hd) = x.dims2()?;
+    x.reshape((n, heads, hd / heads))?.transpose(0, 1)?.contiguous()
+}
+
+/// Merges heads `[h, n, d]` back into rows `[n, h*d]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (h, n, d) = x.dims3()?;
+    x.transpose(0, 1)?.contiguous()?.reshape((n, h * d))
+}
+
+/// Repeats key/value heads for grouped-query attention: `[h_kv, s, d]` -> `[h_kv*rep, s, d]`.
+pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (h, s, d) = x.dims3()?;
+    x.unsqueeze(1)?.expand((h, rep, s, d))?.reshape((h * rep, s, d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn causal_mask_after_cache() {
+        // Regression guard: with cached keys, query i must see exactly past+i+1 keys.
+        let m = causal_mask(2, 3, &Device::Cpu).unwrap().unwrap();
+        let v = m.to_vec2::<f32>().unwrap();
+        assert_eq!(v[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(v[1], vec![0.0; 5]);
+        assert!(causal_mask(1, 7, &Device::Cpu).unwrap().is_none());
+    }
+
+    #[test]
+    fn layer_norm_matches_definition() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2., 4., 9.]], &dev).unwrap();
+        let ln = LayerNorm { weight: Tensor::new(&[1f32, 2., 1., 1.], &dev).unwrap(), bias: None, eps: 1e-5 };
+        let y = ln.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let mean = 4.0f32;
+        let var = ((9.0 + 4.0 + 0.0 + 25.0) / 4.0f32) + 1e-5;
+        let want = [-3.0 / var.sqrt(), -2.0 * 2.0 / var.sqrt(), 0.0, 5.0 / var.sqrt()];
+        for (a, b) in y[0].iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b} (mean {mean})");
+        }
+    }
+}

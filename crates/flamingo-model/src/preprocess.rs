@@ -1,0 +1,407 @@
+//! Image preprocessing that reproduces open_clip's validation transform on PIL images, bit for
+//! bit where PIL's integer arithmetic allows:
+//!
+//! `Resize(size, BICUBIC)` (shortest side; PIL's antialiased two-pass convolution with 22-bit
+//! fixed-point coefficients and 8-bit rounding between passes) -> `CenterCrop(size)` ->
+//! `convert("RGB")` -> `/255` -> normalise with CLIP's mean and std.
+//!
+//! Note the order: open_clip resizes *before* converting to RGB, so PIL's mode decides how the
+//! resize runs: RGBA / LA are resized premultiplied by alpha and un-premultiplied after;
+//! palette images ("P", GIF) are resized with nearest neighbour; greyscale is resized on one
+//! channel and replicated. Those rules are reproduced from the decoded image's original mode.
+//! Sources: Pillow `libImaging/Resample.c`, `Convert.c`, `Geometry.c`, `Image.resize`;
+//! torchvision `transforms.functional.resize` / `center_crop`; open_clip `transform.py`.
+
+use std::io::Cursor;
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, ImageFormat, ImageReader};
+
+use crate::error::{Error, Result};
+
+pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// Limits applied before an image is decoded (decompression bombs are refused before any large
+/// allocation).
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    pub max_pixels: u64,
+    pub max_side: u32,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self { max_pixels: 40_000_000, max_side: 16_384 }
+    }
+}
+
+/// PIL's image mode of a decoded image, which decides how it is resized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PilMode {
+    L,
+    La,
+    Rgb,
+    Rgba,
+    /// Palette ("P"): resized with nearest neighbour.
+    P,
+}
+
+/// An 8-bit image in PIL's channel layout for its mode.
+#[derive(Debug, Clone)]
+pub struct PilImage {
+    pub mode: PilMode,
+    pub width: usize,
+    pub height: usize,
+    /// Interleaved channels: 1 (L), 2 (LA), 3 (RGB, P expanded to RGB) or 4 (RGBA).
+    pub data: Vec<u8>,
+}
+
+impl PilImage {
+    pub fn channels(&self) -> usize {
+        match self.mode {
+            PilMode::L => 1,
+            PilMode::La => 2,
+            PilMode::Rgb | PilMode::P => 3,
+            PilMode::Rgba => 4,
+        }
+    }
+}
+
+/// Decodes an image file's bytes (PNG, JPEG, WebP, GIF, BMP) into PIL's mode and layout.
+pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<PilImage> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::Image(format!("cannot read image: {e}")))?;
+    let format = reader.format().ok_or_else(|| Error::Image("unknown image format".into()))?;
+    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| Error::Image(format!("cannot read image header: {e}")))?;
+    if w == 0 || h == 0 {
+        return Err(Error::Image("image has zero size".into()));
+    }
+    if w > limits.max_side || h > limits.max_side || (w as u64) * (h as u64) > limits.max_pixels {
+        return Err(Error::Image(format!(
+            "image is {w}x{h}, larger than the limit ({} pixels, {} per side)",
+            limits.max_pixels, limits.max_side
+        )));
+    }
+    let mut reader = reader;
+    let mut lim = image::Limits::default();
+    lim.max_image_width = Some(limits.max_side);
+    lim.max_image_height = Some(limits.max_side);
+    lim.max_alloc = Some(limits.max_pixels.saturating_mul(16));
+    reader.limits(lim);
+    let img = reader.decode().map_err(|e| Error::Image(format!("cannot decode image: {e}")))?;
+
+    // PIL's mode: from the PNG header where the decoder expands (palette, tRNS), else from the
+    // decoded colour type.
+    let png_mode = if format == ImageFormat::Png { png_mode(bytes) } else { None };
+    let mode = match (format, png_mode) {
+        (_, Some(m)) => m,
+        (ImageFormat::Gif, _) => PilMode::P,
+        _ => match &img {
+            DynamicImage::ImageLuma8(_) | DynamicImage::ImageLuma16(_) => PilMode::L,
+            DynamicImage::ImageLumaA8(_) | DynamicImage::ImageLumaA16(_) => PilMode::La,
+            DynamicImage::ImageRgba8(_) | DynamicImage::ImageRgba16(_) | DynamicImage::ImageRgba32F(_) => PilMode::Rgba,
+            _ => PilMode::Rgb,
+        },
+    };
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data = match mode {
+        PilMode::L => img.to_luma8().into_raw(),
+        PilMode::La => img.to_luma_alpha8().into_raw(),
+        PilMode::Rgb | PilMode::P => img.to_rgb8().into_raw(),
+        PilMode::Rgba => img.to_rgba8().into_raw(),
+    };
+    Ok(PilImage { mode, width, height, data })
+}
+
+fn png_mode(bytes: &[u8]) -> Option<PilMode> {
+    let dec = png::Decoder::new(Cursor::new(bytes));
+    let reader = dec.read_info().ok()?;
+    Some(match reader.info().color_type {
+        png::ColorType::Indexed => PilMode::P,
+        png::ColorType::Grayscale => PilMode::L,
+        png::ColorType::GrayscaleAlpha => PilMode::La,
+        png::ColorType::Rgb => PilMode::Rgb,
+        png::ColorType::Rgba => PilMode::Rgba,
+    })
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// PIL's per-output-pixel (first input index, fixed-point weights) for one axis.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let ss = 1.0 / filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let w: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) * ss)).collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|&k| {
+                    let k = if total != 0.0 { k / total } else { k };
+                    let v = k * (1u32 << PRECISION_BITS) as f64;
+                    (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i32
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+fn clip8(v: i32) -> u8 {
+    if v >= (1 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// PIL's `resize((w, h), BICUBIC)` on an 8-bit interleaved buffer with `c` channels.
+fn resize_bicubic(src: &[u8], w: usize, h: usize, c: usize, ow: usize, oh: usize) -> Vec<u8> {
+    let hc = coefficients(w, ow);
+    let vc = coefficients(h, oh);
+    let need_h = ow != w;
+    let need_v = oh != h;
+    // Horizontal pass over the rows the vertical pass will read.
+    let (tmp, tw, row0) = if need_h {
+        let first = vc.first().map_or(0, |(m, _)| *m);
+        let last = vc.last().map_or(h, |(m, k)| m + k.len());
+        let rows = last - first;
+        let mut out = vec![0u8; rows * ow * c];
+        for y in 0..rows {
+            let line = &src[(y + first) * w * c..(y + first + 1) * w * c];
+            for (xx, (xmin, k)) in hc.iter().enumerate() {
+                for ch in 0..c {
+                    let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                    for (i, &kv) in k.iter().enumerate() {
+                        ss += line[(xmin + i) * c + ch] as i32 * kv;
+                    }
+                    out[(y * ow + xx) * c + ch] = clip8(ss);
+                }
+            }
+        }
+        (out, ow, first)
+    } else {
+        (src.to_vec(), w, 0)
+    };
+    if !need_v {
+        return tmp;
+    }
+    let mut out = vec![0u8; oh * tw * c];
+    for (yy, (ymin, k)) in vc.iter().enumerate() {
+        let ymin = ymin - row0;
+        for x in 0..tw {
+            for ch in 0..c {
+                let mut ss: i32 = 1 << (PRECISION_BITS - 1);
+                for (i, &kv) in k.iter().enumerate() {
+                    ss += tmp[((ymin + i) * tw + x) * c + ch] as i32 * kv;
+                }
+                out[(yy * tw + x) * c + ch] = clip8(ss);
+            }
+        }
+    }
+    out
+}
+
+/// PIL's `resize((w, h), NEAREST)` (scale-affine nearest neighbour).
+fn resize_nearest(src: &[u8], w: usize, h: usize, c: usize, ow: usize, oh: usize) -> Vec<u8> {
+    let ax = w as f64 / ow as f64;
+    let ay = h as f64 / oh as f64;
+    let coord = |v: f64| if v < 0.0 { -1i64 } else { v as i64 };
+    let mut xin = Vec::with_capacity(ow);
+    let mut xo = ax * 0.5;
+    for _ in 0..ow {
+        xin.push(coord(xo).clamp(0, w as i64 - 1) as usize);
+        xo += ax;
+    }
+    let mut out = vec![0u8; ow * oh * c];
+    for y in 0..oh {
+        let yi = coord(ay * (y as f64 + 0.5)).clamp(0, h as i64 - 1) as usize;
+        for (x, &xi) in xin.iter().enumerate() {
+            out[(y * ow + x) * c..(y * ow + x + 1) * c].copy_from_slice(&src[(yi * w + xi) * c..(yi * w + xi + 1) * c]);
+        }
+    }
+    out
+}
+
+/// PIL's `MULDIV255`.
+fn muldiv255(a: u32, b: u32) -> u8 {
+    let t = a * b + 128;
+    (((t >> 8) + t) >> 8) as u8
+}
+
+/// PIL's mode-aware `Image.resize(size, BICUBIC)`.
+pub fn pil_resize(img: &PilImage, ow: usize, oh: usize) -> PilImage {
+    let c = img.channels();
+    let (w, h) = (img.width, img.height);
+    let data = if ow == w && oh == h {
+        img.data.clone()
+    } else {
+        match img.mode {
+            PilMode::P => resize_nearest(&img.data, w, h, c, ow, oh),
+            PilMode::L | PilMode::Rgb => resize_bicubic(&img.data, w, h, c, ow, oh),
+            PilMode::La | PilMode::Rgba => {
+                // RGBA -> RGBa (premultiply), resize, RGBa -> RGBA.
+                let mut pre = img.data.clone();
+                for px in pre.chunks_exact_mut(c) {
+                    let a = px[c - 1] as u32;
+                    for v in &mut px[..c - 1] {
+                        *v = muldiv255(*v as u32, a);
+                    }
+                }
+                let mut out = resize_bicubic(&pre, w, h, c, ow, oh);
+                for px in out.chunks_exact_mut(c) {
+                    let a = px[c - 1] as u32;
+                    if a != 0 && a != 255 {
+                        for v in &mut px[..c - 1] {
+                            *v = ((255 * *v as u32) / a).min(255) as u8;
+                        }
+                    }
+                }
+                out
+            }
+        }
+    };
+    PilImage { mode: img.mode, width: ow, height: oh, data }
+}
+
+/// torchvision's `Resize(size)` output size for an int size: shortest side to `size`.
+pub fn shortest_side_size(w: usize, h: usize, size: usize) -> (usize, usize) {
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    let new_long = (size * long) as f64 / short as f64;
+    let new_long = new_long as usize;
+    if w <= h {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// Python's `round` (half to even) for the non-negative halves torchvision's crop produces.
+fn round_half_even(x: f64) -> usize {
+    let r = x.round();
+    let r = if (x - x.floor() - 0.5).abs() < 1e-12 && (r as i64) % 2 != 0 { r - 1.0 } else { r };
+    r.max(0.0) as usize
+}
+
+/// The full open_clip validation transform: image -> normalised `[3, size, size]` f32 values
+/// (row-major, channel first).
+pub fn clip_pixels(img: &PilImage, size: usize) -> Vec<f32> {
+    let (rw, rh) = shortest_side_size(img.width, img.height, size);
+    let r = pil_resize(img, rw, rh);
+    let top = round_half_even((rh as f64 - size as f64) / 2.0);
+    let left = round_half_even((rw as f64 - size as f64) / 2.0);
+    let c = r.channels();
+    let mut out = vec![0f32; 3 * size * size];
+    for y in 0..size {
+        for x in 0..size {
+            let sy = y + top;
+            let sx = x + left;
+            let px = if sy < rh && sx < rw { &r.data[(sy * rw + sx) * c..(sy * rw + sx + 1) * c] } else { &[0u8; 4][..c] };
+            let rgb = match r.mode {
+                PilMode::L | PilMode::La => [px[0]; 3],
+                _ => [px[0], px[1], px[2]],
+            };
+            for ch in 0..3 {
+                let v = rgb[ch] as f32 / 255.0;
+                out[ch * size * size + y * size + x] = (v - CLIP_MEAN[ch]) / CLIP_STD[ch];
+            }
+        }
+    }
+    out
+}
+
+/// Decodes and preprocesses one image file's bytes to a `[3, size, size]` tensor.
+pub fn preprocess(bytes: &[u8], size: usize, limits: &ImageLimits, device: &Device) -> Result<Tensor> {
+    let img = decode(bytes, limits)?;
+    Ok(Tensor::from_vec(clip_pixels(&img, size), (3, size, size), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_size_follows_torchvision() {
+        assert_eq!(shortest_side_size(451, 300, 224), (336, 224));
+        assert_eq!(shortest_side_size(300, 451, 224), (224, 336));
+        assert_eq!(shortest_side_size(150, 100, 224), (336, 224));
+    }
+
+    #[test]
+    fn python_rounding_in_center_crop() {
+        assert_eq!(round_half_even(0.5), 0);
+        assert_eq!(round_half_even(1.5), 2);
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(56.0), 56);
+    }
+
+    #[test]
+    fn bicubic_weights_sum_to_one_in_fixed_point() {
+        for (w, o) in [(451, 336), (100, 224), (224, 224)] {
+            for (_, k) in coefficients(w, o) {
+                let s: i64 = k.iter().map(|&v| v as i64).sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let img = PilImage { mode: PilMode::Rgb, width: 50, height: 30, data: vec![200; 50 * 30 * 3] };
+        let r = pil_resize(&img, 37, 22);
+        assert!(r.data.iter().all(|&v| v == 200));
+    }
+
+    #[test]
+    fn bombs_are_refused_before_decoding() {
+        // A valid 1x1 PNG header claiming 100000 x 100000 pixels.
+        let mut buf = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut buf, 1, 1);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            enc.write_header().unwrap().write_image_data(&[1, 2, 3]).unwrap();
+        }
+        // Patch IHDR width/height (bytes 16..24) and its CRC (over type + data, bytes 12..29).
+        buf[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        buf[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = {
+            let mut c = 0xFFFF_FFFFu32;
+            for &b in &buf[12..29] {
+                c ^= b as u32;
+                for _ in 0..8 {
+                    c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                }
+            }
+            !c
+        };
+        buf[29..33].copy_from_slice(&crc.to_be_bytes());
+        let err = decode(&buf, &ImageLimits::default()).unwrap_err();
+        assert!(err.to_string().contains("larger than the limit"), "{err}");
+        assert!(decode(b"not an image", &ImageLimits::default()).is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! Per-request state, owned by the caller and kept outside the (immutable, shared) weights.
+//!
+//! A sequence owns its self-attention KV cache per decoder layer, the cross-attention K/V of each
+//! gated layer (computed once from its images' latents: they never change during the request),
+//! and the running media count that implements OpenFlamingo's masking rule.
+
+use candle_core::{Result, Tensor};
+
+/// A growable `[heads, len, head_dim]` key/value cache for one decoder layer.
+///
+/// Storage grows by doubling, so appending one token is amortised O(1) copies instead of the
+/// O(len) that `Tensor::cat` on every step costs.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    /// A deep copy: caches are written in place, so two sequences (e.g. beams that forked from one
+    /// parent) must never share a buffer.
+    pub fn fork(&self) -> Result<Self> {
+        let copy = |t: &Option<Tensor>| t.as_ref().map(|t| t.copy()).transpose();
+        Ok(Self { k: copy(&self.k)?, v: copy(&self.v)?, len: self.len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the cache's storage (capacity, not just length).
+    pub fn bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .iter()
+            .filter_map(|t| t.as_ref())
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Appends `k`, `v` (`[heads, t, d]`) and returns views of all keys and values so far.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(1)?;
+        let need = self.len + t;
+        let cap = self.k.as_ref().map(|c| c.dim(1)).transpose()?.unwrap_or(0);
+        if need > cap {
+            let new_cap = need.max(cap * 2).max(16);
+            let grow = |old: &Option<Tensor>, new: &Tensor| -> Result<Tensor> {
+                let (h, _, d) = new.dims3()?;
+                let buf = Tensor::zeros((h, new_cap, d), new.dtype(), new.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+                Ok(buf)
+            };
+            self.k = Some(grow(&self.k, k)?);
+            self.v = Some(grow(&self.v, v)?);
+        }
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => candle_core::bail!("kv cache storage missing"),
+        };
+        kb.slice_set(&k.contiguous()?, 1, self.len)?;
+        vb.slice_set(&v.contiguous()?, 1, self.len)?;
+        self.len = need;
+        Ok((kb.narrow(1, 0, need)?, vb.narrow(1, 0, need)?))
+    }
+
+    /// Drops everything after the first `len` positions (used when a prefix is reused).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}
+
+/// Cross-attention keys and values of one gated layer for every image of a sequence:
+/// `[images, heads, latents, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct XattnKv {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+/// Everything one sequence carries between forward calls.
+#[derive(Debug)]
+pub struct SequenceState {
+    pub(crate) kv: Vec<KvCache>,
+    pub(crate) xattn: Vec<Option<XattnKv>>,
+    /// Number of images whose latents are attached.
+    pub(crate) num_images: usize,
+    /// `<image>` tokens consumed so far while prefilling (the cumulative `text_time`).
+    pub(crate) media_seen: usize,
+    /// Once decoding started: the image the next generated token attends to (see
+    /// [`crate::xattn`] for the reference's rule).
+    pub(crate) decode_media: Option<usize>,
+}
+
+impl SequenceState {
+    pub(crate) fn new(num_layers: usize) -> Self {
+        Self {
+            kv: (0..num_layers).map(|_| KvCache::default()).collect(),
+            xattn: vec![None; num_layers],
+            num_images: 0,
+            media_seen: 0,
+            decode_media: None,
+        }
+    }
+
+    /// A deep copy of the self-attention caches; cross-attention K/V are immutable and shared.
+    pub fn fork(&self) -> Result<Self> {
+        Ok(Self {
+            kv: self.kv.iter().map(|c| c.fork()).collect::<Result<_>>()?,
+            xattn: self.xattn.clone(),
+            num_images: self.num_images,
+            media_seen: self.media_seen,
+            decode_media: self.decode_media,
+        })
+    }
+
+    /// Tokens processed so far.
+    pub fn len(&self) -> usize {
+        self.kv.first().map_or(0, |c| c.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn num_images(&self) -> usize {
+        self.num_images
+    }
+
+    /// Bytes held by the self-attention caches.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.iter().map(|c| c.bytes()).sum()
+    }
+
+    /// Bytes held by the cross-attention K/V.
+    pub fn xattn_bytes(&self) -> usize {
+        self.xattn
+            .iter()
+            .flatten()
+            .map(|x| (x.k.elem_count() + x.v.elem_count()) * x.k.dtype().size_in_bytes())
+            .sum()
+    }
+}

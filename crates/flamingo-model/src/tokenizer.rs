@@ -1,0 +1,134 @@
+//! The text tokenizer with OpenFlamingo's special tokens.
+//!
+//! As `open_flamingo.create_model_and_transforms` does: add
+//! `additional_special_tokens = ["<|endofchunk|>", "<image>"]`, then `<PAD>` as pad token if the
+//! base tokenizer has none, appended after the base vocabulary in that order. The ids of
+//! `<|endofchunk|>` and `<image>` are the last id of encoding each.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::error::{Error, Result};
+
+pub const MEDIA_TOKEN: &str = "<image>";
+pub const EOC_TOKEN: &str = "<|endofchunk|>";
+pub const PAD_TOKEN: &str = "<PAD>";
+
+pub struct FlamingoTokenizer {
+    inner: Tokenizer,
+    media_token_id: u32,
+    eoc_token_id: u32,
+    pad_token_id: u32,
+    eos_token_id: Option<u32>,
+    bos_token_id: Option<u32>,
+}
+
+/// The content of a special-token entry in `tokenizer_config.json` / `special_tokens_map.json`
+/// (a string or `{"content": ...}`).
+fn token_content(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+}
+
+impl FlamingoTokenizer {
+    /// Loads `lm_dir/tokenizer.json` and adds OpenFlamingo's tokens.
+    pub fn from_lm_dir(lm_dir: &Path) -> Result<Self> {
+        let path: PathBuf = lm_dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::file(&path, "file not found (the LM directory needs a fast-tokenizer tokenizer.json)"));
+        }
+        let mut inner = Tokenizer::from_file(&path).map_err(|e| Error::file(&path, format!("cannot load tokenizer: {e}")))?;
+        let mut special = serde_json::Map::new();
+        for f in ["special_tokens_map.json", "tokenizer_config.json"] {
+            if let Some(serde_json::Value::Object(o)) = read_json(&lm_dir.join(f))? {
+                for k in ["pad_token", "eos_token", "bos_token"] {
+                    if let Some(v) = o.get(k).and_then(token_content) {
+                        special.entry(k.to_string()).or_insert(serde_json::Value::String(v));
+                    }
+                }
+            }
+        }
+        let get = |k: &str| special.get(k).and_then(|v| v.as_str()).map(String::from);
+        let to_add = [AddedToken::from(EOC_TOKEN, true), AddedToken::from(MEDIA_TOKEN, true)];
+        inner.add_special_tokens(&to_add);
+        let pad = match get("pad_token").and_then(|p| inner.token_to_id(&p)) {
+            Some(id) => id,
+            None => {
+                inner.add_special_tokens(&[AddedToken::from(PAD_TOKEN, true)]);
+                inner.token_to_id(PAD_TOKEN).ok_or_else(|| Error::Tokenizer("could not add <PAD>".into()))?
+            }
+        };
+        let last_id = |t: &Tokenizer, s: &str| -> Result<u32> {
+            let enc = t.encode(s, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            enc.get_ids().last().copied().ok_or_else(|| Error::Tokenizer(format!("{s} encodes to nothing")))
+        };
+        let media = last_id(&inner, MEDIA_TOKEN)?;
+        let eoc = last_id(&inner, EOC_TOKEN)?;
+        let eos = get("eos_token").and_then(|t| inner.token_to_id(&t));
+        let bos = get("bos_token").and_then(|t| inner.token_to_id(&t));
+        Ok(Self { inner, media_token_id: media, eoc_token_id: eoc, pad_token_id: pad, eos_token_id: eos, bos_token_id: bos })
+    }
+
+    /// Number of ids including the added tokens (`len(tokenizer)` in Python): the row count of
+    /// the resized embeddings.
+    pub fn len(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn media_token_id(&self) -> u32 {
+        self.media_token_id
+    }
+
+    pub fn eoc_token_id(&self) -> u32 {
+        self.eoc_token_id
+    }
+
+    pub fn pad_token_id(&self) -> u32 {
+        self.pad_token_id
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token_id
+    }
+
+    /// Encodes a Flamingo prompt as the reference does (`tokenizer(text)`): special tokens in the
+    /// text (`<image>`, `<|endofchunk|>`) become their ids and the tokenizer's own post-processing
+    /// (e.g. LLaMA's BOS) applies.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes generated ids to text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
