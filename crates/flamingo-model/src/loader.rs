@@ -238,7 +238,16 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
     if latents.len() != 2 || latents[1] != vision_cfg.width {
         return Err(Error::file(&files.checkpoint, format!("perceiver.latents has shape {latents:?}, expected [n, {}]", vision_cfg.width)));
     }
-    let depth = (0..).take_while(|i| store.contains(&format!("perceiver.layers.{i}.0.to_q.weight"))).count();
+    // Depth: one past the highest layer index of any perceiver key (so a missing tensor inside a
+    // layer is reported instead of silently shortening the resampler).
+    let depth = store
+        .names()
+        .filter_map(|n| n.strip_prefix("perceiver.layers.")?.split_once('.')?.0.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1);
+    if depth == 0 {
+        return Err(Error::file(&files.checkpoint, "no perceiver layers (keys perceiver.layers.N.*)"));
+    }
     let p_inner = store.shape("perceiver.layers.0.0.to_q.weight")?[0];
     let p_dim_head = overrides.perceiver.dim_head.unwrap_or(64);
     let p_ff = store.shape("perceiver.layers.0.1.1.weight")?[0];

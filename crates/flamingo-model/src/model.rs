@@ -135,29 +135,7 @@ impl Flamingo {
 
     /// The media index each new token attends to, advancing the sequence's media count.
     fn media_indices(&self, state: &mut SequenceState, input: &Input) -> Result<Vec<MediaIndex>> {
-        let media = self.config.media_token_id;
-        let idx = |t: usize| if t == 0 { None } else { Some(t - 1) };
-        let out = match input {
-            Input::Prompt(ids) => {
-                if state.decode_media.is_some() {
-                    return Err(Error::Invalid("prompt tokens after generation started".into()));
-                }
-                let mut v = Vec::with_capacity(ids.len());
-                for &id in ids.iter() {
-                    if id == media {
-                        state.media_seen += 1;
-                    }
-                    v.push(idx(state.media_seen));
-                }
-                v
-            }
-            Input::Generated(id) => {
-                // See the module docs of `xattn`: a generated <image> restarts the count at 1.
-                let t = if *id == media { 1 } else { state.decode_media.unwrap_or(state.media_seen) };
-                state.decode_media = Some(t);
-                vec![idx(t)]
-            }
-        };
+        let out = media_indices(&mut state.media_seen, &mut state.decode_media, input, self.config.media_token_id)?;
         if let Some(Some(m)) = out.iter().max() {
             if *m >= state.num_images {
                 return Err(Error::Invalid(format!(
@@ -224,5 +202,74 @@ impl Flamingo {
             }
         };
         Ok(self.lm.logits(&x)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// OpenFlamingo's masking rule (`only_attend_immediate_media`) as media indices: prompt tokens
+/// continue `text_time = cumsum(token == <image>)` (the `<image>` token belongs to its image);
+/// generated tokens attend to the last prompt image, except that a generated `<image>` restarts
+/// the count at 1 as the reference's one-token forward does (see [`crate::xattn`]).
+pub(crate) fn media_indices(
+    media_seen: &mut usize,
+    decode_media: &mut Option<usize>,
+    input: &Input,
+    media: u32,
+) -> Result<Vec<MediaIndex>> {
+    let idx = |t: usize| if t == 0 { None } else { Some(t - 1) };
+    Ok(match input {
+        Input::Prompt(ids) => {
+            if decode_media.is_some() {
+                return Err(Error::Invalid("prompt tokens after generation started".into()));
+            }
+            ids.iter()
+                .map(|&id| {
+                    if id == media {
+                        *media_seen += 1;
+                    }
+                    idx(*media_seen)
+                })
+                .collect()
+        }
+        Input::Generated(id) => {
+            let t = if *id == media { 1 } else { decode_media.unwrap_or(*media_seen) };
+            *decode_media = Some(t);
+            vec![idx(t)]
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u32 = 9;
+
+    #[test]
+    fn text_before_the_first_image_attends_to_nothing() {
+        let (mut seen, mut dec) = (0, None);
+        let v = media_indices(&mut seen, &mut dec, &Input::Prompt(&[1, 2, M, 3]), M).unwrap();
+        assert_eq!(v, vec![None, None, Some(0), Some(0)]);
+    }
+
+    #[test]
+    fn each_token_attends_to_its_immediate_image_across_chunks() {
+        let (mut seen, mut dec) = (0, None);
+        let a = media_indices(&mut seen, &mut dec, &Input::Prompt(&[M, 1, 2]), M).unwrap();
+        let b = media_indices(&mut seen, &mut dec, &Input::Prompt(&[3, M, 4, M]), M).unwrap();
+        assert_eq!(a, vec![Some(0), Some(0), Some(0)]);
+        assert_eq!(b, vec![Some(0), Some(1), Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn generated_tokens_attend_to_the_last_image() {
+        let (mut seen, mut dec) = (0, None);
+        media_indices(&mut seen, &mut dec, &Input::Prompt(&[M, 1, M, 2, M, 3]), M).unwrap();
+        for _ in 0..3 {
+            assert_eq!(media_indices(&mut seen, &mut dec, &Input::Generated(5), M).unwrap(), vec![Some(2)]);
+        }
+        // The reference's quirk: a generated <image> (and what follows) attends to image 1.
+        assert_eq!(media_indices(&mut seen, &mut dec, &Input::Generated(M), M).unwrap(), vec![Some(0)]);
+        assert_eq!(media_indices(&mut seen, &mut dec, &Input::Generated(5), M).unwrap(), vec![Some(0)]);
+        assert!(media_indices(&mut seen, &mut dec, &Input::Prompt(&[1]), M).is_err());
     }
 }

@@ -17,10 +17,15 @@ pub struct GptNeoXConfig {
     pub num_attention_heads: usize,
     pub num_hidden_layers: usize,
     pub intermediate_size: usize,
-    #[serde(default, alias = "partial_rotary_factor")]
+    #[serde(default)]
     pub rotary_pct: Option<f64>,
-    #[serde(default, alias = "rope_theta")]
+    #[serde(default)]
     pub rotary_emb_base: Option<f64>,
+    /// Newer transformers write these too; when present they are what the model uses.
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
     #[serde(default = "super::mpt::yes")]
     pub use_parallel_residual: bool,
     #[serde(default = "super::mpt::eps5")]
@@ -121,8 +126,10 @@ pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Re
         .ok_or_else(|| candle_core::Error::Msg(format!("unsupported hidden_act {}", cfg.hidden_act)))?;
     let (d, heads) = (cfg.hidden_size, cfg.num_attention_heads);
     let head_dim = d / heads;
-    let rot_dims = (head_dim as f64 * cfg.rotary_pct.unwrap_or(0.25)) as usize;
-    let rotary = std::sync::Arc::new(Rotary::new(rot_dims, cfg.rotary_emb_base.unwrap_or(10000.0)));
+    let pct = cfg.partial_rotary_factor.or(cfg.rotary_pct).unwrap_or(0.25);
+    let base = cfg.rope_theta.or(cfg.rotary_emb_base).unwrap_or(10000.0);
+    let rot_dims = (head_dim as f64 * pct) as usize;
+    let rotary = std::sync::Arc::new(Rotary::new(rot_dims, base));
     let g = vb.pp("gpt_neox");
     let bias = cfg.attention_bias;
     let layers = (0..cfg.num_hidden_layers)
