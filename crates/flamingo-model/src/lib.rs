@@ -28,6 +28,7 @@ pub mod weights;
 pub mod xattn;
 
 pub use candle_core as candle;
+pub use candle_nn;
 pub use error::{Error, Result};
 pub use loader::{load, Loaded, ModelFiles};
 pub use model::{Flamingo, Input, Logits};

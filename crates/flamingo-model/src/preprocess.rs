@@ -86,6 +86,11 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<PilImage> {
             limits.max_pixels, limits.max_side
         )));
     }
+    if format == ImageFormat::Jpeg {
+        if let Some(img) = decode_jpeg(bytes)? {
+            return Ok(img);
+        }
+    }
     let mut reader = reader;
     let mut lim = image::Limits::default();
     lim.max_image_width = Some(limits.max_side);
@@ -115,6 +120,35 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<PilImage> {
         PilMode::Rgba => img.to_rgba8().into_raw(),
     };
     Ok(PilImage { mode, width, height, data })
+}
+
+/// JPEG through libjpeg-turbo's decoder (as Pillow does: islow IDCT, fancy upsampling), so
+/// pixels match PIL's exactly. `None` for colour spaces left to the `image` crate (CMYK/YCCK).
+fn decode_jpeg(bytes: &[u8]) -> Result<Option<PilImage>> {
+    let res = std::panic::catch_unwind(|| -> std::io::Result<Option<PilImage>> {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let (width, height) = (d.width(), d.height());
+        match d.color_space() {
+            mozjpeg::ColorSpace::JCS_GRAYSCALE => {
+                let mut img = d.grayscale()?;
+                let data: Vec<u8> = img.read_scanlines()?;
+                img.finish()?;
+                Ok(Some(PilImage { mode: PilMode::L, width, height, data }))
+            }
+            mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_RGB => {
+                let mut img = d.rgb()?;
+                let px: Vec<[u8; 3]> = img.read_scanlines()?;
+                img.finish()?;
+                Ok(Some(PilImage { mode: PilMode::Rgb, width, height, data: px.into_iter().flatten().collect() }))
+            }
+            _ => Ok(None),
+        }
+    });
+    match res {
+        Ok(Ok(img)) => Ok(img.filter(|i| i.data.len() == i.width * i.height * i.channels())),
+        Ok(Err(e)) => Err(Error::Image(format!("cannot decode JPEG: {e}"))),
+        Err(_) => Err(Error::Image("cannot decode JPEG".into())),
+    }
 }
 
 fn png_mode(bytes: &[u8]) -> Option<PilMode> {

@@ -19,25 +19,14 @@ fn check(filter: impl Fn(&str) -> bool) {
         let got = preprocess(&bytes, 224, &ImageLimits::default(), &Device::Cpu).unwrap();
         let (d, _) = diff(&got, &expected[&name]);
         eprintln!("{name}: max abs diff {d:e}");
+        // The bound is 0.02; we decode JPEG with libjpeg-turbo's decoder (as Pillow)
+        // and reproduce PIL's integer resize, so every input is expected to match exactly.
         assert!(d <= 0.02, "{name}: max abs diff {d} > 0.02");
-        if name.ends_with(".png") {
-            // PIL's integer resize arithmetic is reproduced, so lossless inputs match exactly.
-            assert!(d <= 1e-5, "{name}: PNG pixels should match PIL exactly, max abs diff {d}");
-        }
+        assert!(d <= 1e-6, "{name}: pixels should match PIL exactly, max abs diff {d}");
     }
 }
 
 #[test]
-fn png_pixels_match_open_clip_transform() {
-    check(|n| !n.ends_with(".jpg"));
-}
-
-/// Known gap: the `image` crate's JPEG decoder (zune-jpeg) differs from the libjpeg-turbo that
-/// Pillow bundles by up to 4 levels on 20% of pixels (jpeg-decoder: 3 levels on 9%), which gives
-/// 0.057 after resize + normalisation, over the 0.02 bound. The fix is to decode JPEG with
-/// libjpeg-turbo itself; until then this test documents the gap instead of loosening the bound.
-#[test]
-#[ignore = "JPEG decoding differs from libjpeg-turbo (0.057 > 0.02); see the doc comment"]
-fn jpeg_pixels_match_open_clip_transform() {
-    check(|n| n.ends_with(".jpg"));
+fn pixels_match_open_clip_transform() {
+    check(|_| true);
 }
