@@ -17,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod lm;
 pub mod loader;
+pub mod manifest;
 pub mod model;
 pub mod nn;
 pub mod perceiver;

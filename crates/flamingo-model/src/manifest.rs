@@ -1,0 +1,112 @@
+//! Manifests of released checkpoints (`config/models/*.toml`): where each of a model
+//! directory's three sources comes from, the LM family, the cross-attention interval, overrides
+//! to write to `flamingo.toml`, and published quality. The server's download path reads these.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::config::{LmFamily, Overrides};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// Hugging Face repository id.
+    pub repo: String,
+    /// Files that must all be fetched.
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// Weight files, alternatives in order of preference (the first that exists is used; a
+    /// `*.index.json` also brings the shards it names).
+    pub weights: Vec<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sources {
+    pub clip: Source,
+    pub lm: Source,
+    pub checkpoint: Source,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quality {
+    pub coco_cider_4shot: f64,
+    pub vqav2_accuracy_4shot: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub description: String,
+    /// `model_type` of the LM (`mosaic_gpt`, `mpt`, `gpt_neox`, `llama`).
+    pub lm_family: String,
+    pub cross_attn_every_n_layers: usize,
+    pub license: String,
+    pub sources: Sources,
+    /// Written to the model directory's `flamingo.toml`.
+    #[serde(default)]
+    pub overrides: Option<toml::Table>,
+    pub quality: Quality,
+}
+
+impl Manifest {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+        let m: Manifest = toml::from_str(&text).map_err(|e| Error::file(path, e))?;
+        if LmFamily::from_model_type(&m.lm_family).is_none() {
+            return Err(Error::file(path, format!("unknown lm_family `{}`", m.lm_family)));
+        }
+        if m.cross_attn_every_n_layers == 0 {
+            return Err(Error::file(path, "cross_attn_every_n_layers must be >= 1"));
+        }
+        // The overrides must be a valid flamingo.toml.
+        let _: Overrides = toml::from_str(&m.flamingo_toml()).map_err(|e| Error::file(path, format!("overrides: {e}")))?;
+        Ok(m)
+    }
+
+    /// The `flamingo.toml` to write into a model directory built from this manifest.
+    pub fn flamingo_toml(&self) -> String {
+        let mut t = self.overrides.clone().unwrap_or_default();
+        t.insert("cross_attn_every_n_layers".into(), toml::Value::Integer(self.cross_attn_every_n_layers as i64));
+        toml::to_string(&t).unwrap_or_default()
+    }
+
+    /// All manifests in a directory, sorted by name.
+    pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::file(dir, e))?;
+        for e in entries {
+            let p = e.map_err(|e| Error::file(dir, e))?.path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                out.push(Manifest::from_file(&p)?);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_checkpoint_manifests_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/models");
+        let all = Manifest::load_dir(&dir).unwrap();
+        assert_eq!(all.len(), 5);
+        let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
+        assert!(names.contains(&"openflamingo/OpenFlamingo-3B-vitl-mpt1b"));
+        for m in &all {
+            let o: Overrides = toml::from_str(&m.flamingo_toml()).unwrap();
+            assert_eq!(o.cross_attn_every_n_layers, Some(m.cross_attn_every_n_layers));
+            assert_eq!(o.vision.quick_gelu, Some(true), "{}: OpenAI CLIP uses QuickGELU", m.name);
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The `flamingo generate` contract, run as a user runs it, on the tiny reference fixtures.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn flamingo(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flamingo")).args(args).current_dir(root()).output().expect("run flamingo")
+}
+
+fn expected(case: &str) -> serde_json::Value {
+    let p = root().join(format!("tests/fixtures/models/{case}/expected.json"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// The reference stops only at <|endofchunk|>; the CLI also stops at eos. Cut the reference ids
+/// after the first eos, if any.
+fn cut_at(mut v: Vec<u64>, eos: u64) -> Vec<u64> {
+    if let Some(i) = v.iter().position(|&t| t == eos) {
+        v.truncate(i + 1);
+    }
+    v
+}
+
+#[test]
+fn generate_json_greedy_and_beam_match_the_reference() {
+    for case in ["mpt_x1", "llama_x2"] {
+        let exp = expected(case);
+        let eos = exp["eos_token_id"].as_u64().unwrap();
+        let model = format!("tests/fixtures/models/{case}");
+        for p in exp["prompts"].as_array().unwrap() {
+            let mut args = vec!["generate", "--model", &model, "--prompt", p["text"].as_str().unwrap(), "--json"];
+            let images: Vec<String> =
+                p["images"].as_array().unwrap().iter().map(|i| format!("tests/fixtures/images/{}", i.as_str().unwrap())).collect();
+            for i in &images {
+                args.extend(["--image", i.as_str()]);
+            }
+            let greedy_n = p["greedy"]["max_new_tokens"].to_string();
+            let mut g = args.clone();
+            g.extend(["--max-new-tokens", &greedy_n]);
+            let out = flamingo(&g);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+            assert!(v["text"].is_string());
+            assert_eq!(ids(&v["token_ids"]), cut_at(ids(&p["greedy"]["ids"]), eos), "{case} {}", p["name"]);
+
+            let beam_n = p["beam3"]["max_new_tokens"].to_string();
+            let mut b = args.clone();
+            b.extend(["--max-new-tokens", &beam_n, "--num-beams", "3"]);
+            let out = flamingo(&b);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let want = ids(&p["beam3"]["ids"]);
+            if !want.contains(&eos) {
+                assert_eq!(ids(&v["token_ids"]), want, "{case} {} beam 3", p["name"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    let args = [
+        "generate", "--model", "tests/fixtures/models/gptneox_x1", "--image", "tests/fixtures/images/chelsea.png",
+        "--prompt", "<image>Output:", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "7", "--json",
+    ];
+    let a = flamingo(&args);
+    let b = flamingo(&args);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn user_errors_are_clear_and_not_panics() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "<image>a<image>b", "--image", "tests/fixtures/images/chelsea.png"],
+            "2 <image> markers but 1 --image",
+        ),
+        (&["generate", "--model", "/nonexistent", "--prompt", "x"], "model directory not found"),
+        (
+            &["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "<image>", "--image", "Cargo.toml"],
+            "image",
+        ),
+        (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "x", "--dtype", "f8"], "unknown dtype"),
+        (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "x", "--device", "cuda"], "CUDA"),
+    ];
+    for (args, want) in cases {
+        let out = flamingo(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
