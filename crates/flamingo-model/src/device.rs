@@ -39,3 +39,11 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         _ => Err(Error::Invalid(format!("unknown dtype `{name}` (use f32, bf16 or f16)"))),
     }
 }
+
+/// Rejects dtypes the device cannot compute in (candle's CPU matmul has no bf16).
+pub fn check_supported(device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(Error::Unsupported("bf16 is not supported on the CPU (use f32 or f16 there; bf16 on CUDA)".into()));
+    }
+    Ok(())
+}

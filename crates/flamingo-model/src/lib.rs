@@ -33,5 +33,5 @@ pub use candle_nn;
 pub use error::{Error, Result};
 pub use loader::{load, Loaded, ModelFiles};
 pub use model::{Flamingo, Input, Logits};
-pub use state::SequenceState;
+pub use state::{KvBlock, SequenceState};
 pub use tokenizer::FlamingoTokenizer;

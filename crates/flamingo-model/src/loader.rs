@@ -163,6 +163,7 @@ pub struct Loaded {
 
 /// Loads a model directory onto `device` in `dtype`.
 pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgress) -> Result<Loaded> {
+    crate::device::check_supported(device, dtype)?;
     let files = ModelFiles::resolve(dir)?;
     let overrides: Overrides = match &files.overrides {
         Some(p) => {

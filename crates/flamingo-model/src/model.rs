@@ -78,6 +78,11 @@ impl Flamingo {
         self.lm.num_layers()
     }
 
+    /// Self-attention K/V bytes one token adds to a sequence (all layers).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.lm.kv_width() * 2 * self.lm.num_layers() * self.dtype.size_in_bytes()
+    }
+
     /// A fresh per-request state.
     pub fn new_state(&self) -> SequenceState {
         SequenceState::new(self.lm.num_layers())
@@ -130,6 +135,28 @@ impl Flamingo {
             }
         }
         state.num_images += latents.dim(0)?;
+        Ok(())
+    }
+
+    /// Restores a cached prompt prefix into a fresh state (images already attached): appends
+    /// each block's K/V to every layer and advances the media count as prefilling those tokens
+    /// would. Exact by the masking rule: a prefix's K/V depend only on its tokens and images.
+    pub fn restore_prefix(&self, state: &mut SequenceState, blocks: &[&crate::state::KvBlock]) -> Result<()> {
+        if !state.is_empty() || state.decode_media.is_some() {
+            return Err(Error::Invalid("a prefix can only be restored into a fresh state".into()));
+        }
+        for b in blocks {
+            if b.layers.len() != state.kv.len() {
+                return Err(Error::Invalid("prefix block from another model".into()));
+            }
+            for (cache, (k, v)) in state.kv.iter_mut().zip(&b.layers) {
+                cache.append(k, v)?;
+            }
+            state.media_seen += b.media;
+        }
+        if state.media_seen > state.num_images {
+            return Err(Error::Invalid("restored prefix refers to more images than are attached".into()));
+        }
         Ok(())
     }
 

@@ -70,9 +70,42 @@ impl KvCache {
         Ok((kb.narrow(1, 0, need)?, vb.narrow(1, 0, need)?))
     }
 
-    /// Drops everything after the first `len` positions (used when a prefix is reused).
+    /// Drops everything after the first `len` positions.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// Copies of positions `start..start + len`: `([heads, len, d], [heads, len, d])`.
+    pub fn rows(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) if start + len <= self.len => {
+                Ok((k.narrow(1, start, len)?.copy()?, v.narrow(1, start, len)?.copy()?))
+            }
+            _ => candle_core::bail!("kv rows {start}..{} out of range (len {})", start + len, self.len),
+        }
+    }
+}
+
+/// The self-attention K/V of a run of prompt positions in every layer, plus how many `<image>`
+/// tokens the run holds: one block of the prefix cache.
+#[derive(Debug, Clone)]
+pub struct KvBlock {
+    pub(crate) layers: Vec<(Tensor, Tensor)>,
+    pub(crate) len: usize,
+    pub(crate) media: usize,
+}
+
+impl KvBlock {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
     }
 }
 
@@ -131,6 +164,13 @@ impl SequenceState {
 
     pub fn num_images(&self) -> usize {
         self.num_images
+    }
+
+    /// Copies the K/V of prompt positions `start..start + len` (all layers); `media` is the
+    /// number of `<image>` tokens among them.
+    pub fn kv_block(&self, start: usize, len: usize, media: usize) -> Result<KvBlock> {
+        let layers = self.kv.iter().map(|c| c.rows(start, len)).collect::<Result<_>>()?;
+        Ok(KvBlock { layers, len, media })
     }
 
     /// Bytes held by the self-attention caches.

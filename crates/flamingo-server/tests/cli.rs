@@ -90,6 +90,7 @@ fn user_errors_are_clear_and_not_panics() {
             "image",
         ),
         (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "x", "--dtype", "f8"], "unknown dtype"),
+        (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "x", "--dtype", "bf16"], "bf16 is not supported on the CPU"),
         (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "x", "--device", "cuda"], "CUDA"),
     ];
     for (args, want) in cases {
@@ -99,4 +100,15 @@ fn user_errors_are_clear_and_not_panics() {
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn half_precision_runs() {
+    let out = flamingo(&[
+        "generate", "--model", "tests/fixtures/models/llama_x1", "--image", "tests/fixtures/images/chelsea.png",
+        "--prompt", "<image>Output:", "--dtype", "f16", "--max-new-tokens", "5", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
 }

@@ -76,6 +76,7 @@ impl DecoderLayer for Layer {
 }
 
 pub struct Llama {
+    kv_width: usize,
     embed_tokens: Tensor,
     lm_head: Tensor,
     layers: Vec<Layer>,
@@ -101,6 +102,9 @@ impl LanguageModel for Llama {
     }
     fn vocab_size(&self) -> usize {
         self.lm_head.dim(0).unwrap_or(0)
+    }
+    fn kv_width(&self) -> usize {
+        self.kv_width
     }
 }
 
@@ -160,5 +164,5 @@ pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Re
             candle_core::bail!("{name} has shape {:?}, expected [_, {d}]", t.dims());
         }
     }
-    Ok(Box::new(Llama { embed_tokens, lm_head, layers, norm: rms_norm(d, cfg.rms_norm_eps, m.pp("norm"))?, hidden: d }))
+    Ok(Box::new(Llama { kv_width: kv_heads * head_dim, embed_tokens, lm_head, layers, norm: rms_norm(d, cfg.rms_norm_eps, m.pp("norm"))?, hidden: d }))
 }

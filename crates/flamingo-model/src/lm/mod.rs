@@ -55,6 +55,10 @@ pub trait LanguageModel: Send + Sync {
     fn logits(&self, x: &Tensor) -> Result<Tensor>;
     fn hidden_size(&self) -> usize;
     fn vocab_size(&self) -> usize;
+    /// Width of one token's keys (= values) in one layer: `kv_heads * head_dim`.
+    fn kv_width(&self) -> usize {
+        self.hidden_size()
+    }
 }
 
 /// Head geometry and positional scheme of a self-attention.
