@@ -1,0 +1,118 @@
+//! The engine handle: a scheduler loop on its own thread, fed through a channel. Model work is
+//! blocking work, so it never runs on the async workers; callers only await event streams.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::backend::Backend;
+use crate::metrics as m;
+use crate::request::{Event, ValidRequest};
+pub use crate::scheduler::SchedulerConfig as EngineConfig;
+use crate::scheduler::Scheduler;
+use crate::EngineError;
+
+/// The events of one request. Dropping it cancels the request at the next step.
+pub type EventStream = UnboundedReceiver<Event>;
+
+enum Command {
+    Submit(ValidRequest, UnboundedSender<Event>),
+    Shutdown,
+}
+
+pub struct Engine {
+    tx: mpsc::Sender<Command>,
+    /// Submitted but not yet admitted (or dropped): the bound of the waiting queue.
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts the scheduler thread. `media_token` is the model's `<image>` id.
+    pub fn start<B: Backend>(backend: B, cfg: EngineConfig, media_token: Option<u32>) -> Self {
+        m::describe();
+        let (tx, rx) = mpsc::channel::<Command>();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let max_waiting = cfg.max_waiting;
+        let counter = waiting.clone();
+        let thread = std::thread::Builder::new()
+            .name("flamingo-engine".into())
+            .spawn(move || run(Scheduler::new(backend, cfg), rx, counter, media_token))
+            .expect("spawning the engine thread");
+        Self { tx, waiting, max_waiting, thread: Some(thread) }
+    }
+
+    /// Queues a request; its events arrive on the returned stream. Fails at once with
+    /// `Overloaded` when the waiting queue is full.
+    pub fn submit(&self, req: ValidRequest) -> Result<EventStream, EngineError> {
+        let n = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if n >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            metrics::counter!(m::REJECTIONS).increment(1);
+            return Err(EngineError::Overloaded(n));
+        }
+        let (etx, erx) = unbounded_channel();
+        if self.tx.send(Command::Submit(req, etx)).is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Stopped);
+        }
+        Ok(erx)
+    }
+
+    /// Requests submitted and not yet admitted.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting: Arc<AtomicUsize>, media_token: Option<u32>) {
+    let mut shutting_down = false;
+    loop {
+        // Block only when idle; otherwise take what has arrived and keep stepping.
+        if !sched.has_work() {
+            if shutting_down {
+                return;
+            }
+            match rx.recv() {
+                Ok(cmd) => handle(&mut sched, cmd, &waiting, &mut shutting_down),
+                Err(_) => return,
+            }
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            handle(&mut sched, cmd, &waiting, &mut shutting_down);
+        }
+        let report = sched.step(media_token);
+        if report.left_waiting > 0 {
+            waiting.fetch_sub(report.left_waiting, Ordering::SeqCst);
+        }
+    }
+}
+
+fn handle<B: Backend>(sched: &mut Scheduler<B>, cmd: Command, waiting: &AtomicUsize, shutting_down: &mut bool) {
+    match cmd {
+        Command::Submit(req, tx) => {
+            if *shutting_down {
+                let _ = tx.send(Event::Error("the engine is shutting down".into()));
+                waiting.fetch_sub(1, Ordering::SeqCst);
+            } else if let Err(e) = sched.submit(req, tx.clone()) {
+                let _ = tx.send(Event::Error(e.to_string()));
+                waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        // In-flight requests finish; new ones are refused.
+        Command::Shutdown => *shutting_down = true,
+    }
+}

@@ -1,0 +1,494 @@
+//! The scheduling state: a plain struct the engine thread drives one [`Scheduler::step`] at a
+//! time, and tests drive directly against a fake model.
+//!
+//! Each step: drop cancelled sequences; admit waiting requests first-come-first-served while the
+//! running-sequence limit and the KV byte budget allow (vision features from the cache or
+//! encoded, prefix KV restored from the cache); then one ragged forward with one decode token of
+//! every generating sequence plus prefill chunks of the others, first come first served, under
+//! the batched-token budget; then sampling and events per sequence.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use flamingo_model::generate::{log_softmax, FinishReason, Sampler};
+use flamingo_model::Input;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::backend::Backend;
+use crate::cache::LruBytes;
+use crate::metrics as m;
+use crate::request::{Event, MediaKey, TokenEvent, Usage, ValidRequest};
+use crate::EngineError;
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences prefilled or decoded at once.
+    pub max_running: usize,
+    /// Tokens (decode + prefill) in one forward step.
+    pub max_batched_tokens: usize,
+    /// Bytes of KV state that running sequences may reserve (prompt + max new tokens each).
+    pub kv_budget_bytes: usize,
+    /// Requests that may wait for admission; beyond it `submit` fails with `Overloaded`.
+    pub max_waiting: usize,
+    /// Tokens per prefix-cache block.
+    pub block_size: usize,
+    pub vision_cache_bytes: usize,
+    pub prefix_cache_bytes: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 32,
+            max_batched_tokens: 512,
+            kv_budget_bytes: 4 << 30,
+            max_waiting: 256,
+            block_size: 16,
+            vision_cache_bytes: 512 << 20,
+            prefix_cache_bytes: 1 << 30,
+        }
+    }
+}
+
+type BlockHash = [u8; 32];
+
+struct Waiting {
+    id: u64,
+    req: ValidRequest,
+    tx: UnboundedSender<Event>,
+    submitted: Instant,
+}
+
+struct Sequence<S> {
+    id: u64,
+    req: ValidRequest,
+    tx: UnboundedSender<Event>,
+    state: S,
+    prefilled: usize,
+    cached_tokens: usize,
+    generated: Vec<u32>,
+    sampler: Sampler,
+    /// The token to feed in the next decode step.
+    next: Option<u32>,
+    reserved: usize,
+    block_hashes: Vec<BlockHash>,
+    submitted: Instant,
+    last_token: Option<Instant>,
+}
+
+/// What one step did (for tests, metrics and the engine's bookkeeping).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Requests moved from waiting to running (or failed at admission).
+    pub left_waiting: usize,
+    pub sequences: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+    pub finished: usize,
+    pub cancelled: usize,
+    /// Ids of the sequences in this step's batch, in batch order, with their token counts.
+    pub batch: Vec<(u64, usize)>,
+}
+
+pub struct Scheduler<B: Backend> {
+    backend: B,
+    cfg: SchedulerConfig,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Sequence<B::State>>,
+    vision: LruBytes<(MediaKey, usize), B::Media>,
+    prefix: LruBytes<BlockHash, B::Block>,
+    reserved: usize,
+    next_id: u64,
+}
+
+/// Hash chain over full prompt blocks: each block's hash covers the previous hash, its token
+/// ids, and the keys of the images its `<image>` tokens introduce. With the masking rule this
+/// determines the block's K/V exactly.
+fn block_hashes(prompt: &[u32], media: &[MediaKey], media_token: Option<u32>, block: usize) -> Vec<BlockHash> {
+    use sha2::{Digest, Sha256};
+    let mut out = Vec::with_capacity(prompt.len() / block);
+    let mut prev = [0u8; 32];
+    let mut k = 0;
+    for chunk in prompt.chunks_exact(block) {
+        let mut h = Sha256::new();
+        h.update(prev);
+        for &t in chunk {
+            h.update(t.to_le_bytes());
+            if Some(t) == media_token {
+                if let Some(key) = media.get(k) {
+                    h.update(key);
+                }
+                k += 1;
+            }
+        }
+        prev = h.finalize().into();
+        out.push(prev);
+    }
+    out
+}
+
+impl<B: Backend> Scheduler<B> {
+    pub fn new(backend: B, cfg: SchedulerConfig) -> Self {
+        let vision = LruBytes::new(cfg.vision_cache_bytes);
+        let prefix = LruBytes::new(cfg.prefix_cache_bytes);
+        Self { backend, cfg, waiting: VecDeque::new(), running: Vec::new(), vision, prefix, reserved: 0, next_id: 0 }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running_len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Bytes reserved by running sequences.
+    pub fn reserved_bytes(&self) -> usize {
+        self.reserved
+    }
+
+    /// Bytes actually held by running sequences' states.
+    pub fn state_bytes(&self) -> usize {
+        self.running.iter().map(|s| self.backend.state_bytes(&s.state)).sum()
+    }
+
+    pub fn vision_cache(&self) -> &LruBytes<(MediaKey, usize), B::Media> {
+        &self.vision
+    }
+
+    pub fn prefix_cache(&self) -> &LruBytes<BlockHash, B::Block> {
+        &self.prefix
+    }
+
+    /// Queues a request. Fails with `Overloaded` when the waiting queue is full.
+    pub fn submit(&mut self, req: ValidRequest, tx: UnboundedSender<Event>) -> Result<u64, EngineError> {
+        if self.waiting.len() >= self.cfg.max_waiting {
+            metrics::counter!(m::REJECTIONS).increment(1);
+            return Err(EngineError::Overloaded(self.waiting.len()));
+        }
+        self.next_id += 1;
+        self.waiting.push_back(Waiting { id: self.next_id, req, tx, submitted: Instant::now() });
+        Ok(self.next_id)
+    }
+
+    fn estimate(&self, req: &ValidRequest) -> usize {
+        (req.prompt.len() + req.stop.max_new_tokens) * self.backend.kv_bytes_per_token()
+    }
+
+    /// Turns a waiting request into a running sequence: media encoded (or from the vision
+    /// cache) and attached, cached prefix blocks restored.
+    fn admit(&mut self, w: Waiting, reserved: usize, media_token: Option<u32>) -> Result<Sequence<B::State>, String> {
+        let by_pos = self.backend.media_depends_on_position();
+        let mut media = Vec::with_capacity(w.req.media.len());
+        for (i, item) in w.req.media.iter().enumerate() {
+            let key = (item.key, if by_pos { i } else { 0 });
+            metrics::counter!(m::CACHE_QUERIES, "cache" => m::VISION_CACHE).increment(1);
+            let enc = match self.vision.get(&key) {
+                Some(e) => {
+                    metrics::counter!(m::CACHE_HITS, "cache" => m::VISION_CACHE).increment(1);
+                    e
+                }
+                None => {
+                    let e = Arc::new(self.backend.encode(item, i)?);
+                    let bytes = self.backend.media_bytes(&e);
+                    let ev = self.vision.insert(key, e.clone(), bytes);
+                    metrics::counter!(m::CACHE_EVICTIONS, "cache" => m::VISION_CACHE).increment(ev as u64);
+                    e
+                }
+            };
+            media.push(enc);
+        }
+        metrics::gauge!(m::CACHE_BYTES, "cache" => m::VISION_CACHE).set(self.vision.bytes() as f64);
+        let mut state = self.backend.new_state();
+        let refs: Vec<&B::Media> = media.iter().map(|a| a.as_ref()).collect();
+        self.backend.attach(&mut state, &refs)?;
+
+        let keys: Vec<MediaKey> = w.req.media.iter().map(|m| m.key).collect();
+        let hashes = block_hashes(&w.req.prompt, &keys, media_token, self.cfg.block_size);
+        // Keep at least one prompt token to compute: its logits give the first new token.
+        let usable = (w.req.prompt.len() - 1) / self.cfg.block_size;
+        let mut blocks = Vec::new();
+        for h in hashes.iter().take(usable) {
+            metrics::counter!(m::CACHE_QUERIES, "cache" => m::PREFIX_CACHE).increment(1);
+            match self.prefix.get(h) {
+                Some(b) => {
+                    metrics::counter!(m::CACHE_HITS, "cache" => m::PREFIX_CACHE).increment(1);
+                    blocks.push(b)
+                }
+                None => break,
+            }
+        }
+        let brefs: Vec<&B::Block> = blocks.iter().map(|b| b.as_ref()).collect();
+        self.backend.restore(&mut state, &brefs)?;
+        let cached = blocks.len() * self.cfg.block_size;
+        let sampler = Sampler::new(&w.req.sampling.strategy, w.req.sampling.repetition_penalty);
+        Ok(Sequence {
+            id: w.id,
+            req: w.req,
+            tx: w.tx,
+            state,
+            prefilled: cached,
+            cached_tokens: cached,
+            generated: Vec::new(),
+            sampler,
+            next: None,
+            reserved,
+            block_hashes: hashes,
+            submitted: w.submitted,
+            last_token: None,
+        })
+    }
+
+    /// One scheduling step. `media_token` is the model's `<image>` id (for prefix hashing).
+    pub fn step(&mut self, media_token: Option<u32>) -> StepReport {
+        let mut report = StepReport::default();
+
+        // 1. Cancellation: a dropped event stream frees the sequence now.
+        let waiting_before = self.waiting.len();
+        self.waiting.retain(|w| !w.tx.is_closed());
+        let cancelled_waiting = waiting_before - self.waiting.len();
+        report.left_waiting += cancelled_waiting;
+        let running_before = self.running.len();
+        let mut freed = 0;
+        self.running.retain(|s| {
+            let keep = !s.tx.is_closed();
+            if !keep {
+                freed += s.reserved;
+            }
+            keep
+        });
+        self.reserved -= freed;
+        report.cancelled = cancelled_waiting + running_before - self.running.len();
+        metrics::counter!(m::CANCELLATIONS).increment(report.cancelled as u64);
+
+        // 2. Admission, first come first served.
+        while let Some(front) = self.waiting.front() {
+            if self.running.len() >= self.cfg.max_running {
+                break;
+            }
+            let need = self.estimate(&front.req);
+            if need > self.cfg.kv_budget_bytes {
+                let w = self.waiting.pop_front().expect("front exists");
+                let _ = w.tx.send(Event::Error(format!(
+                    "the request needs {need} bytes of KV cache, more than the engine's budget of {}",
+                    self.cfg.kv_budget_bytes
+                )));
+                report.left_waiting += 1;
+                continue;
+            }
+            if self.reserved + need > self.cfg.kv_budget_bytes {
+                break;
+            }
+            let w = self.waiting.pop_front().expect("front exists");
+            report.left_waiting += 1;
+            let tx = w.tx.clone();
+            match self.admit(w, need, media_token) {
+                Ok(seq) => {
+                    self.reserved += need;
+                    self.running.push(seq);
+                }
+                Err(e) => {
+                    let _ = tx.send(Event::Error(e));
+                    metrics::counter!(m::REQUESTS_FINISHED, "reason" => "error").increment(1);
+                }
+            }
+        }
+
+        // 3. Plan: every decoding sequence contributes one token; prefill chunks fill the rest
+        // of the token budget in arrival order.
+        let decoding = self.running.iter().filter(|s| s.next.is_some()).count();
+        let mut budget = self.cfg.max_batched_tokens.saturating_sub(decoding);
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, tokens)
+        for (i, s) in self.running.iter().enumerate() {
+            if s.next.is_some() {
+                plan.push((i, 1));
+            } else if budget > 0 {
+                let n = (s.req.prompt.len() - s.prefilled).min(budget);
+                budget -= n;
+                plan.push((i, n));
+            }
+        }
+        if plan.is_empty() {
+            self.publish_gauges();
+            return report;
+        }
+
+        // 4. One ragged forward.
+        let mut planned = vec![0usize; self.running.len()];
+        for &(i, n) in &plan {
+            planned[i] = n;
+        }
+        let mut states = Vec::with_capacity(plan.len());
+        let mut inputs = Vec::with_capacity(plan.len());
+        for (s, &n) in self.running.iter_mut().zip(&planned) {
+            if n == 0 {
+                continue;
+            }
+            let Sequence { state, req, next, prefilled, id, .. } = s;
+            match next {
+                Some(t) => {
+                    inputs.push(Input::Generated(*t));
+                    report.decode_tokens += 1;
+                }
+                None => {
+                    inputs.push(Input::Prompt(&req.prompt[*prefilled..*prefilled + n]));
+                    report.prefill_tokens += n;
+                }
+            }
+            report.batch.push((*id, n));
+            states.push(state);
+        }
+        report.sequences = states.len();
+        let result = self.backend.forward(&mut states, &inputs);
+        drop(states);
+        drop(inputs);
+        metrics::histogram!(m::BATCH_SIZE).record(report.sequences as f64);
+        metrics::histogram!(m::STEP_TOKENS).record((report.prefill_tokens + report.decode_tokens) as f64);
+        metrics::counter!(m::PREFILL_TOKENS).increment(report.prefill_tokens as u64);
+        metrics::counter!(m::DECODE_TOKENS).increment(report.decode_tokens as u64);
+
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // The batch's states may be half-updated: fail those sequences, keep the rest.
+                let mut keep = Vec::new();
+                for (s, &n) in std::mem::take(&mut self.running).into_iter().zip(&planned) {
+                    if n > 0 {
+                        let _ = s.tx.send(Event::Error(format!("model error: {e}")));
+                        self.reserved -= s.reserved;
+                        report.finished += 1;
+                        metrics::counter!(m::REQUESTS_FINISHED, "reason" => "error").increment(1);
+                    } else {
+                        keep.push(s);
+                    }
+                }
+                self.running = keep;
+                self.publish_gauges();
+                return report;
+            }
+        };
+
+        // 5. Sample and report per sequence.
+        let now = Instant::now();
+        let mut rows = logits.into_iter();
+        // Per running sequence: None = continues, Some(true) = finished, Some(false) = cancelled.
+        let mut done: Vec<Option<bool>> = vec![None; self.running.len()];
+        let block = self.cfg.block_size;
+        for (i, s) in self.running.iter_mut().enumerate() {
+            let n = planned[i];
+            if n == 0 {
+                continue;
+            }
+            let Some(row) = rows.next() else { break };
+            if s.next.is_none() {
+                s.prefilled += n;
+                if s.prefilled < s.req.prompt.len() {
+                    continue;
+                }
+                // Prompt complete: donate its full blocks to the prefix cache.
+                for (b, h) in s.block_hashes.iter().enumerate() {
+                    let range = &s.req.prompt[b * block..(b + 1) * block];
+                    let media = media_token.map_or(0, |mt| range.iter().filter(|&&t| t == mt).count());
+                    if !self.prefix.contains(h) {
+                        if let Ok(blk) = self.backend.snapshot(&s.state, b * block, block, media) {
+                            let bytes = self.backend.block_bytes(&blk);
+                            let ev = self.prefix.insert(*h, Arc::new(blk), bytes);
+                            metrics::counter!(m::CACHE_EVICTIONS, "cache" => m::PREFIX_CACHE).increment(ev as u64);
+                        }
+                    } else {
+                        self.prefix.get(h);
+                    }
+                }
+                metrics::gauge!(m::CACHE_BYTES, "cache" => m::PREFIX_CACHE).set(self.prefix.bytes() as f64);
+            }
+            let mut history = s.req.prompt.clone();
+            history.extend_from_slice(&s.generated);
+            let tok = s.sampler.next(&row, &history);
+            let mut ev = TokenEvent { id: tok, logprob: None, top_logprobs: Vec::new() };
+            if let Some(k) = s.req.sampling.logprobs {
+                let lp = log_softmax(&row);
+                ev.logprob = lp.get(tok as usize).copied();
+                let mut idx: Vec<usize> = (0..lp.len()).collect();
+                let k = k.min(lp.len());
+                idx.select_nth_unstable_by(k.saturating_sub(1).min(lp.len() - 1), |&a, &b| lp[b].total_cmp(&lp[a]));
+                let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i as u32, lp[i])).collect();
+                top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                ev.top_logprobs = top;
+            }
+            match s.last_token {
+                None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record((now - s.submitted).as_secs_f64()),
+                Some(t) => metrics::histogram!(m::INTER_TOKEN_LATENCY).record((now - t).as_secs_f64()),
+            }
+            s.last_token = Some(now);
+            s.generated.push(tok);
+            let delivered = s.tx.send(Event::Token(ev)).is_ok();
+            let finish = if s.req.stop.stop_token_ids.contains(&tok) {
+                Some(FinishReason::Stop)
+            } else if s.generated.len() >= s.req.stop.max_new_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = finish {
+                let usage = Usage {
+                    prompt_tokens: s.req.prompt.len(),
+                    completion_tokens: s.generated.len(),
+                    cached_tokens: s.cached_tokens,
+                };
+                let _ = s.tx.send(Event::Finished { reason, usage });
+                let label = if reason == FinishReason::Stop { "stop" } else { "length" };
+                metrics::counter!(m::REQUESTS_FINISHED, "reason" => label).increment(1);
+                done[i] = Some(true);
+            } else if !delivered {
+                metrics::counter!(m::CANCELLATIONS).increment(1);
+                done[i] = Some(false);
+            } else {
+                s.next = Some(tok);
+            }
+        }
+        let mut i = 0;
+        self.running.retain(|s| {
+            let d = done[i];
+            i += 1;
+            match d {
+                Some(finished) => {
+                    self.reserved -= s.reserved;
+                    if finished {
+                        report.finished += 1;
+                    } else {
+                        report.cancelled += 1;
+                    }
+                    false
+                }
+                None => true,
+            }
+        });
+        self.publish_gauges();
+        report
+    }
+
+    fn publish_gauges(&self) {
+        metrics::gauge!(m::WAITING).set(self.waiting.len() as f64);
+        metrics::gauge!(m::RUNNING).set(self.running.len() as f64);
+        metrics::gauge!(m::KV_BYTES).set(self.state_bytes() as f64);
+    }
+
+    /// Ids of the running sequences in admission order (for tests).
+    pub fn running_ids(&self) -> Vec<u64> {
+        self.running.iter().map(|s| s.id).collect()
+    }
+}

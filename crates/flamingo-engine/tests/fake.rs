@@ -1,0 +1,331 @@
+//! Scheduling-state tests against a fake model, driven step by step.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use flamingo_engine::{
+    media_key, Backend, EngineError, Event, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest,
+};
+use flamingo_model::candle::{Device, Tensor};
+use flamingo_model::generate::{FinishReason, Strategy};
+use flamingo_model::Input;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+const VOCAB: usize = 97;
+const MEDIA: u32 = 96;
+const EOS: u32 = 95;
+
+/// A deterministic fake: the "next token" is a hash of everything the sequence has seen
+/// (tokens and attached media), so any mistake in state handling changes the output.
+#[derive(Clone, Default)]
+struct Fake {
+    encodes: Arc<AtomicUsize>,
+    batches: Arc<Mutex<Vec<Vec<usize>>>>,
+    bytes_per_token: usize,
+}
+
+struct FakeState {
+    seen: Vec<u32>,
+    media: Vec<u32>,
+}
+
+impl Backend for Fake {
+    type State = FakeState;
+    type Media = u32;
+    type Block = Vec<u32>;
+
+    fn vocab_size(&self) -> usize {
+        VOCAB
+    }
+    fn new_state(&self) -> FakeState {
+        FakeState { seen: vec![], media: vec![] }
+    }
+    fn media_depends_on_position(&self) -> bool {
+        false
+    }
+    fn encode(&self, media: &PreparedMedia, _position: usize) -> Result<u32, String> {
+        self.encodes.fetch_add(1, Ordering::SeqCst);
+        Ok(media.key[0] as u32)
+    }
+    fn media_bytes(&self, _m: &u32) -> usize {
+        100
+    }
+    fn attach(&self, state: &mut FakeState, media: &[&u32]) -> Result<(), String> {
+        state.media.extend(media.iter().map(|m| **m));
+        Ok(())
+    }
+    fn forward(&self, states: &mut [&mut FakeState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String> {
+        self.batches.lock().unwrap().push(inputs.iter().map(|i| i.len()).collect());
+        Ok(states
+            .iter_mut()
+            .zip(inputs)
+            .map(|(st, inp)| {
+                match inp {
+                    Input::Prompt(t) => st.seen.extend_from_slice(t),
+                    Input::Generated(t) => st.seen.push(*t),
+                }
+                let mut h: u64 = 1469598103934665603;
+                for &t in st.seen.iter().chain(&st.media) {
+                    h = (h ^ t as u64).wrapping_mul(1099511628211);
+                }
+                let mut row = vec![0f32; VOCAB];
+                row[(h % 90) as usize] = 5.0;
+                row
+            })
+            .collect())
+    }
+    fn state_bytes(&self, s: &FakeState) -> usize {
+        s.seen.len() * self.bytes_per_token
+    }
+    fn kv_bytes_per_token(&self) -> usize {
+        self.bytes_per_token
+    }
+    fn snapshot(&self, s: &FakeState, start: usize, len: usize, _media: usize) -> Result<Vec<u32>, String> {
+        Ok(s.seen[start..start + len].to_vec())
+    }
+    fn block_bytes(&self, b: &Vec<u32>) -> usize {
+        b.len() * 4
+    }
+    fn restore(&self, s: &mut FakeState, blocks: &[&Vec<u32>]) -> Result<(), String> {
+        for b in blocks {
+            s.seen.extend_from_slice(b);
+        }
+        Ok(())
+    }
+}
+
+fn image(tag: u8) -> PreparedMedia {
+    PreparedMedia { key: media_key(&[tag], "test"), pixels: Tensor::zeros(1, flamingo_model::candle::DType::F32, &Device::Cpu).unwrap() }
+}
+
+fn request(prompt: Vec<u32>, media: Vec<PreparedMedia>, max_new: usize) -> ValidRequest {
+    ValidRequest::new(
+        prompt,
+        media,
+        SamplingParams::default(),
+        StopParams { max_new_tokens: max_new, stop_token_ids: vec![EOS] },
+        MEDIA,
+        VOCAB,
+    )
+    .unwrap()
+}
+
+fn cfg() -> flamingo_engine::EngineConfig {
+    flamingo_engine::EngineConfig {
+        max_running: 4,
+        max_batched_tokens: 64,
+        kv_budget_bytes: 1 << 30,
+        max_waiting: 100,
+        block_size: 8,
+        vision_cache_bytes: 1000,
+        prefix_cache_bytes: 1 << 20,
+    }
+}
+
+fn prompt(len: usize, seed: u32) -> Vec<u32> {
+    (0..len as u32).map(|i| (i * 7 + seed * 13) % 90).collect()
+}
+
+/// Runs until idle; returns each stream's tokens and finish event.
+fn drain(s: &mut Scheduler<Fake>, rx: &mut [UnboundedReceiver<Event>]) -> Vec<(Vec<u32>, Option<Event>)> {
+    let mut guard = 0;
+    while s.has_work() {
+        s.step(Some(MEDIA));
+        guard += 1;
+        assert!(guard < 10_000, "scheduler does not finish");
+    }
+    rx.iter_mut()
+        .map(|r| {
+            let mut toks = vec![];
+            let mut fin = None;
+            while let Ok(e) = r.try_recv() {
+                match e {
+                    Event::Token(t) => toks.push(t.id),
+                    other => fin = Some(other),
+                }
+            }
+            (toks, fin)
+        })
+        .collect()
+}
+
+fn submit(s: &mut Scheduler<Fake>, req: ValidRequest) -> UnboundedReceiver<Event> {
+    let (tx, rx) = unbounded_channel();
+    s.submit(req, tx).unwrap();
+    rx
+}
+
+#[test]
+fn budgets_are_respected_and_prefill_is_chunked() {
+    let fake = Fake::default();
+    let mut s = Scheduler::new(fake.clone(), cfg());
+    let mut rx: Vec<_> = (0..10).map(|i| submit(&mut s, request(prompt(40, i), vec![], 5))).collect();
+    let mut max_running = 0;
+    while s.has_work() {
+        let r = s.step(Some(MEDIA));
+        assert!(r.prefill_tokens + r.decode_tokens <= 64, "{r:?}");
+        assert!(r.sequences <= 4);
+        max_running = max_running.max(s.running_len());
+    }
+    assert_eq!(max_running, 4);
+    // A 40-token prompt in a 64-token budget is split: some batch has a partial prefill.
+    assert!(fake.batches.lock().unwrap().iter().any(|b| b.iter().any(|&n| n > 1 && n < 40)));
+    for (toks, fin) in drain(&mut s, &mut rx) {
+        assert!(!toks.is_empty());
+        assert!(matches!(fin, Some(Event::Finished { .. })));
+    }
+}
+
+#[test]
+fn decode_interleaves_with_chunked_prefill() {
+    let fake = Fake::default();
+    let mut s = Scheduler::new(fake.clone(), flamingo_engine::EngineConfig { max_batched_tokens: 16, ..cfg() });
+    let _a = submit(&mut s, request(prompt(4, 1), vec![], 50));
+    s.step(Some(MEDIA)); // A prefilled, first token
+    let _b = submit(&mut s, request(prompt(100, 2), vec![], 5));
+    let r = s.step(Some(MEDIA));
+    // A decodes one token while B prefills a 15-token chunk in the same forward.
+    assert_eq!(r.decode_tokens, 1);
+    assert_eq!(r.prefill_tokens, 15);
+    let r = s.step(Some(MEDIA));
+    assert_eq!((r.decode_tokens, r.prefill_tokens), (1, 15));
+}
+
+#[test]
+fn admission_is_first_come_first_served() {
+    let mut s = Scheduler::new(Fake::default(), flamingo_engine::EngineConfig { max_running: 1, ..cfg() });
+    let mut rx: Vec<_> = (0..5).map(|i| submit(&mut s, request(prompt(10, i), vec![], 3))).collect();
+    let mut order = vec![];
+    while s.has_work() {
+        s.step(Some(MEDIA));
+        for id in s.running_ids() {
+            if order.last() != Some(&id) {
+                order.push(id);
+            }
+        }
+    }
+    assert_eq!(order, vec![1, 2, 3, 4, 5]);
+    drain(&mut s, &mut rx);
+}
+
+#[test]
+fn kv_budget_holds_requests_back() {
+    let fake = Fake { bytes_per_token: 10, ..Default::default() };
+    // Each request reserves (10 + 10) * 10 = 200 bytes; the budget fits two.
+    let mut s = Scheduler::new(fake, flamingo_engine::EngineConfig { kv_budget_bytes: 450, ..cfg() });
+    let mut rx: Vec<_> = (0..4).map(|i| submit(&mut s, request(prompt(10, i), vec![], 10))).collect();
+    s.step(Some(MEDIA));
+    assert_eq!(s.running_len(), 2);
+    assert_eq!(s.reserved_bytes(), 400);
+    assert_eq!(s.waiting_len(), 2);
+    // A request larger than the whole budget fails instead of blocking the queue forever.
+    let mut big = submit(&mut s, request(prompt(100, 9), vec![], 10));
+    drain(&mut s, &mut rx);
+    assert!(matches!(big.try_recv(), Ok(Event::Error(e)) if e.contains("KV cache")));
+    assert_eq!(s.reserved_bytes(), 0);
+}
+
+#[test]
+fn overload_is_rejected_at_once() {
+    let mut s = Scheduler::new(Fake::default(), flamingo_engine::EngineConfig { max_waiting: 2, ..cfg() });
+    let _a = submit(&mut s, request(prompt(5, 1), vec![], 3));
+    let _b = submit(&mut s, request(prompt(5, 2), vec![], 3));
+    let (tx, _rx) = unbounded_channel();
+    assert_eq!(s.submit(request(prompt(5, 3), vec![], 3), tx), Err(EngineError::Overloaded(2)));
+}
+
+#[test]
+fn dropping_the_stream_cancels_and_frees_memory() {
+    let fake = Fake { bytes_per_token: 10, ..Default::default() };
+    let mut s = Scheduler::new(fake, cfg());
+    let a = submit(&mut s, request(prompt(10, 1), vec![], 1000));
+    let mut b = submit(&mut s, request(prompt(10, 2), vec![], 10));
+    s.step(Some(MEDIA));
+    s.step(Some(MEDIA));
+    assert_eq!(s.running_len(), 2);
+    assert!(s.state_bytes() > 0);
+    drop(a);
+    let r = s.step(Some(MEDIA));
+    assert_eq!(r.cancelled, 1);
+    assert_eq!(s.running_len(), 1);
+    assert_eq!(s.reserved_bytes(), (10 + 10) * 10);
+    drain(&mut s, std::slice::from_mut(&mut b));
+    assert_eq!((s.reserved_bytes(), s.state_bytes()), (0, 0));
+}
+
+#[test]
+fn vision_cache_encodes_each_image_once_and_evicts_by_bytes() {
+    let fake = Fake::default();
+    // Room for 10 encodings of 100 bytes.
+    let mut s = Scheduler::new(fake.clone(), cfg());
+    let p = vec![MEDIA, 1, 2, MEDIA, 3];
+    let mut rx = vec![
+        submit(&mut s, request(p.clone(), vec![image(1), image(2)], 3)),
+        submit(&mut s, request(p.clone(), vec![image(1), image(2)], 3)),
+    ];
+    let out = drain(&mut s, &mut rx);
+    assert_eq!(fake.encodes.load(Ordering::SeqCst), 2, "the second request must hit the cache");
+    assert_eq!(out[0].0, out[1].0, "a vision-cache hit gives the same tokens");
+    // Eleven distinct images overflow the 1000-byte cache: the oldest is evicted.
+    for i in 0..11u8 {
+        let mut r = vec![submit(&mut s, request(vec![MEDIA, 5], vec![image(10 + i)], 1))];
+        drain(&mut s, &mut r);
+    }
+    assert_eq!(s.vision_cache().len(), 10);
+    assert!(s.vision_cache().evictions() >= 3);
+    assert!(s.vision_cache().bytes() <= 1000);
+}
+
+#[test]
+fn prefix_cache_hit_skips_prefill_and_gives_identical_tokens() {
+    let fake = Fake::default();
+    let mut s = Scheduler::new(fake.clone(), cfg());
+    // A 4-shot-like prompt: 36 shared tokens (with two images), then a different tail.
+    let mut shared = prompt(36, 3);
+    shared[0] = MEDIA;
+    shared[20] = MEDIA;
+    let mk = |tail: u32| {
+        let mut p = shared.clone();
+        p.extend([tail, tail + 1, tail + 2]);
+        request(p, vec![image(1), image(2)], 6)
+    };
+    let mut first = vec![submit(&mut s, mk(40))];
+    let miss = drain(&mut s, &mut first);
+    let mut second = vec![submit(&mut s, mk(40))];
+    let hit = drain(&mut s, &mut second);
+    assert_eq!(hit[0].0, miss[0].0, "a prefix-cache hit must give the same tokens as a miss");
+    let cached = |e: &Option<Event>| match e {
+        Some(Event::Finished { usage, .. }) => usage.cached_tokens,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(cached(&miss[0].1), 0);
+    assert_eq!(cached(&hit[0].1), 32, "4 full blocks of 8 (of 39 tokens)");
+    // The prefill of the hit only computed the uncached tail.
+    let batches = fake.batches.lock().unwrap();
+    assert!(batches.iter().any(|b| b == &vec![7]));
+    drop(batches);
+    // Different images under the same tokens must not hit.
+    let mut other = vec![submit(&mut s, request(mk(40).prompt().to_vec(), vec![image(1), image(3)], 6))];
+    let o = drain(&mut s, &mut other);
+    assert_eq!(cached(&o[0].1), 16, "blocks before the changed image's block still hit");
+}
+
+#[test]
+fn stop_token_and_length_finish_reasons() {
+    let mut s = Scheduler::new(Fake::default(), cfg());
+    let mut rx = vec![submit(&mut s, request(prompt(5, 1), vec![], 2))];
+    let out = drain(&mut s, &mut rx);
+    assert_eq!(out[0].0.len(), 2);
+    assert!(matches!(out[0].1, Some(Event::Finished { reason: FinishReason::Length, usage }) if usage.completion_tokens == 2 && usage.prompt_tokens == 5));
+    let _ = Strategy::Greedy;
+}
+
+#[test]
+fn invalid_requests_are_refused_before_the_queue() {
+    let bad = ValidRequest::new(vec![MEDIA, 1], vec![], SamplingParams::default(), StopParams { max_new_tokens: 3, stop_token_ids: vec![] }, MEDIA, VOCAB);
+    assert!(matches!(bad, Err(EngineError::Invalid(e)) if e.contains("1 <image> tokens but 0 images")));
+    let bad = ValidRequest::new(vec![500], vec![], SamplingParams::default(), StopParams { max_new_tokens: 3, stop_token_ids: vec![] }, MEDIA, VOCAB);
+    assert!(bad.is_err());
+    let bad = ValidRequest::new(vec![1], vec![], SamplingParams::default(), StopParams { max_new_tokens: 0, stop_token_ids: vec![] }, MEDIA, VOCAB);
+    assert!(bad.is_err());
+}

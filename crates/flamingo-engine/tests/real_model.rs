@@ -1,0 +1,149 @@
+//! The engine on the tiny reference models: batching, the vision cache and the prefix cache
+//! must not change a single greedy token, and greedy in the engine equals the reference.
+
+use std::path::PathBuf;
+
+use flamingo_engine::{media_key, Engine, EngineConfig, Event, PreparedMedia, SamplingParams, StopParams, ValidRequest};
+use flamingo_model::candle::{DType, Device};
+use flamingo_model::generate::{FinishReason, Strategy};
+use flamingo_model::preprocess::{preprocess, ImageLimits};
+use flamingo_model::Loaded;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn load(case: &str) -> (Loaded, serde_json::Value) {
+    let dir = root().join("models").join(case);
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    (flamingo_model::load(&dir, &Device::Cpu, DType::F32, &()).unwrap(), exp)
+}
+
+fn media(name: &str) -> PreparedMedia {
+    let bytes = std::fs::read(root().join("images").join(name)).unwrap();
+    let px = preprocess(&bytes, 224, &ImageLimits::default(), &Device::Cpu).unwrap();
+    PreparedMedia { key: media_key(&bytes, "open_clip-224"), pixels: px.unsqueeze(0).unwrap() }
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+struct Req {
+    prompt: Vec<u32>,
+    images: Vec<&'static str>,
+    sampling: SamplingParams,
+    max_new: usize,
+}
+
+fn build(l: &Loaded, r: &Req, stop: Vec<u32>) -> ValidRequest {
+    ValidRequest::new(
+        r.prompt.clone(),
+        r.images.iter().map(|n| media(n)).collect(),
+        r.sampling.clone(),
+        StopParams { max_new_tokens: r.max_new, stop_token_ids: stop },
+        l.tokenizer.media_token_id(),
+        l.model.vocab_size(),
+    )
+    .unwrap()
+}
+
+/// Collects a stream to (tokens, finish event).
+fn collect(mut rx: flamingo_engine::EventStream) -> (Vec<u32>, Event) {
+    let mut toks = vec![];
+    loop {
+        match rx.blocking_recv().expect("stream ended without a finish event") {
+            Event::Token(t) => toks.push(t.id),
+            e => return (toks, e),
+        }
+    }
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams { strategy: Strategy::Greedy, repetition_penalty: 1.0, logprobs: None }
+}
+
+#[test]
+fn engine_greedy_matches_reference_alone_and_in_a_batch_of_32() {
+    for case in ["mpt_x1", "gptneox_x2", "llama_x1"] {
+        let (l, exp) = load(case);
+        let tok = &l.tokenizer;
+        let eoc = tok.eoc_token_id();
+        let p3 = &exp["prompts"][1];
+        let target = Req {
+            prompt: ids(&p3["input_ids"]),
+            images: vec!["chelsea.png", "coffee.png", "camera.png"],
+            sampling: greedy(),
+            max_new: p3["greedy"]["max_new_tokens"].as_u64().unwrap() as usize,
+        };
+        let want = ids(&p3["greedy"]["ids"]);
+        let media_id = tok.media_token_id();
+        let stop = vec![eoc];
+        let cfg = EngineConfig { max_running: 32, max_batched_tokens: 256, ..Default::default() };
+
+        // Alone.
+        let engine = Engine::start(load(case).0.model, cfg.clone(), Some(media_id));
+        let (alone, fin) = collect(engine.submit(build(&l, &target, stop.clone())).unwrap());
+        assert_eq!(alone, want, "{case}: engine greedy vs reference");
+        assert!(matches!(fin, Event::Finished { .. }));
+        drop(engine);
+
+        // In a batch of 32 mixed requests: other images, lengths, sampling settings.
+        let engine = Engine::start(load(case).0.model, cfg.clone(), Some(media_id));
+        let others = ["small.png", "rgba.png", "palette.png", "coffee.jpg", "camera.png"];
+        let mut streams = Vec::new();
+        let mut target_index = 0;
+        for i in 0..32usize {
+            if i == 13 {
+                target_index = streams.len();
+                streams.push(engine.submit(build(&l, &target, stop.clone())).unwrap());
+                continue;
+            }
+            let text = format!("{}<image>Output: {}", "a photo of ".repeat(i % 4), "x".repeat(i % 7));
+            let prompt = tok.encode_prompt(&text).unwrap();
+            let sampling = match i % 3 {
+                0 => greedy(),
+                1 => SamplingParams {
+                    strategy: Strategy::Sample { temperature: 0.8, top_k: Some(20), top_p: Some(0.9), seed: i as u64 },
+                    repetition_penalty: 1.1,
+                    logprobs: Some(3),
+                },
+                _ => SamplingParams { strategy: Strategy::Greedy, repetition_penalty: 1.3, logprobs: None },
+            };
+            let r = Req { prompt, images: vec![others[i % others.len()]], sampling, max_new: 3 + i % 11 };
+            streams.push(engine.submit(build(&l, &r, stop.clone())).unwrap());
+        }
+        let results: Vec<_> = streams.into_iter().map(collect).collect();
+        assert_eq!(results[target_index].0, want, "{case}: same tokens inside a batch of 32");
+        for (toks, fin) in &results {
+            assert!(!toks.is_empty());
+            assert!(matches!(fin, Event::Finished { reason: FinishReason::Stop | FinishReason::Length, .. }), "{fin:?}");
+        }
+    }
+}
+
+#[test]
+fn cache_hits_give_identical_tokens() {
+    let (l, exp) = load("mosaicgpt_x1");
+    let p3 = &exp["prompts"][1];
+    let r = Req {
+        prompt: ids(&p3["input_ids"]),
+        images: vec!["chelsea.png", "coffee.png", "camera.png"],
+        sampling: greedy(),
+        max_new: 12,
+    };
+    let stop = vec![l.tokenizer.eoc_token_id()];
+    let cfg = EngineConfig { block_size: 8, ..Default::default() };
+    let engine = Engine::start(load("mosaicgpt_x1").0.model, cfg, Some(l.tokenizer.media_token_id()));
+    let (miss, fin_miss) = collect(engine.submit(build(&l, &r, stop.clone())).unwrap());
+    let (hit, fin_hit) = collect(engine.submit(build(&l, &r, stop.clone())).unwrap());
+    assert_eq!(miss, ids(&p3["greedy"]["ids"]));
+    assert_eq!(hit, miss, "prefix + vision cache hit vs miss");
+    let cached = |e: &Event| match e {
+        Event::Finished { usage, .. } => usage.cached_tokens,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(cached(&fin_miss), 0);
+    let n = r.prompt.len();
+    assert_eq!(cached(&fin_hit), (n - 1) / 8 * 8, "every full block but the last token's");
+}
