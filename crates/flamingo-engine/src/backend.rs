@@ -1,8 +1,7 @@
 //! The small interface the engine needs from a model, and its implementation for
 //! [`flamingo_model::Flamingo`].
 
-use flamingo_model::candle::Tensor;
-use flamingo_model::{Flamingo, Input, KvBlock, Logits, SequenceState};
+use flamingo_model::{Flamingo, Input, KvBlock, Logits, MediaKv, SequenceState};
 
 use crate::request::PreparedMedia;
 
@@ -37,9 +36,11 @@ pub trait Backend: Send + 'static {
     fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block]) -> Result<(), String>;
 }
 
+/// Media are cached as their cross-attention K/V (every gated layer): a cache hit skips the
+/// vision tower, the Perceiver and the K/V projections.
 impl Backend for Flamingo {
     type State = SequenceState;
-    type Media = Tensor;
+    type Media = MediaKv;
     type Block = KvBlock;
 
     fn vocab_size(&self) -> usize {
@@ -54,22 +55,18 @@ impl Backend for Flamingo {
         self.config().perceiver.max_num_media.is_some()
     }
 
-    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<Tensor, String> {
+    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<MediaKv, String> {
         let px = media.pixels.unsqueeze(0).map_err(|e| e.to_string())?;
         let lat = self.encode_media(&px, position).map_err(|e| e.to_string())?;
-        lat.squeeze(0).map_err(|e| e.to_string())
+        self.media_kv(&lat).map_err(|e| e.to_string())
     }
 
-    fn media_bytes(&self, media: &Tensor) -> usize {
-        media.elem_count() * media.dtype().size_in_bytes()
+    fn media_bytes(&self, media: &MediaKv) -> usize {
+        media.bytes()
     }
 
-    fn attach(&self, state: &mut SequenceState, media: &[&Tensor]) -> Result<(), String> {
-        if media.is_empty() {
-            return Ok(());
-        }
-        let stacked = Tensor::stack(media, 0).map_err(|e| e.to_string())?;
-        self.attach_media(state, &stacked).map_err(|e| e.to_string())
+    fn attach(&self, state: &mut SequenceState, media: &[&MediaKv]) -> Result<(), String> {
+        self.attach_media_kv(state, media).map_err(|e| e.to_string())
     }
 
     fn forward(&self, states: &mut [&mut SequenceState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String> {
@@ -95,5 +92,49 @@ impl Backend for Flamingo {
 
     fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock]) -> Result<(), String> {
         self.restore_prefix(state, blocks).map_err(|e| e.to_string())
+    }
+}
+
+/// A shared model (several schedulers, or a scheduler and a benchmark) behind an `Arc`.
+impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
+    type State = B::State;
+    type Media = B::Media;
+    type Block = B::Block;
+
+    fn vocab_size(&self) -> usize {
+        (**self).vocab_size()
+    }
+    fn new_state(&self) -> Self::State {
+        (**self).new_state()
+    }
+    fn media_depends_on_position(&self) -> bool {
+        (**self).media_depends_on_position()
+    }
+    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<Self::Media, String> {
+        (**self).encode(media, position)
+    }
+    fn media_bytes(&self, media: &Self::Media) -> usize {
+        (**self).media_bytes(media)
+    }
+    fn attach(&self, state: &mut Self::State, media: &[&Self::Media]) -> Result<(), String> {
+        (**self).attach(state, media)
+    }
+    fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String> {
+        (**self).forward(states, inputs)
+    }
+    fn state_bytes(&self, state: &Self::State) -> usize {
+        (**self).state_bytes(state)
+    }
+    fn kv_bytes_per_token(&self) -> usize {
+        (**self).kv_bytes_per_token()
+    }
+    fn snapshot(&self, state: &Self::State, start: usize, len: usize, media: usize) -> Result<Self::Block, String> {
+        (**self).snapshot(state, start, len, media)
+    }
+    fn block_bytes(&self, block: &Self::Block) -> usize {
+        (**self).block_bytes(block)
+    }
+    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block]) -> Result<(), String> {
+        (**self).restore(state, blocks)
     }
 }

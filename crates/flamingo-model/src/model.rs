@@ -16,6 +16,24 @@ use crate::state::SequenceState;
 use crate::vision::VisionTransformer;
 use crate::xattn::{GatedCrossAttentionBlock, MediaIndex};
 
+/// Cross-attention K/V of one or more images for every gated layer (`None` for layers without
+/// a gated block).
+#[derive(Debug, Clone)]
+pub struct MediaKv {
+    layers: Vec<Option<crate::state::XattnKv>>,
+    images: usize,
+}
+
+impl MediaKv {
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|x| (x.k.elem_count() + x.v.elem_count()) * x.k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
 /// New tokens for one sequence in a forward call.
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
@@ -118,24 +136,49 @@ impl Flamingo {
         Ok(self.perceiver.forward(&tokens.reshape((t, f, v, d))?, media_offset)?)
     }
 
+    /// The cross-attention keys and values of every gated layer for image latents `[T, n, d]`.
+    /// They depend only on the images, so they can be computed once and shared by every
+    /// sequence (and request) that shows these images.
+    pub fn media_kv(&self, latents: &Tensor) -> Result<MediaKv> {
+        let latents = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let layers = self
+            .xattn
+            .iter()
+            .map(|b| b.as_ref().map(|b| b.media_kv(&latents)).transpose())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(MediaKv { layers, images: latents.dim(0)? })
+    }
+
+    /// Attaches media (in order, after any already attached) by their cross-attention K/V.
+    pub fn attach_media_kv(&self, state: &mut SequenceState, media: &[&MediaKv]) -> Result<()> {
+        for (i, slot) in state.xattn.iter_mut().enumerate() {
+            let mut ks: Vec<&Tensor> = slot.iter().map(|x| &x.k).collect();
+            let mut vs: Vec<&Tensor> = slot.iter().map(|x| &x.v).collect();
+            for m in media {
+                match m.layers.get(i) {
+                    Some(Some(kv)) => {
+                        ks.push(&kv.k);
+                        vs.push(&kv.v);
+                    }
+                    Some(None) => {}
+                    None => return Err(Error::Invalid("media K/V from another model".into())),
+                }
+            }
+            if ks.is_empty() {
+                continue;
+            }
+            let kv = crate::state::XattnKv { k: Tensor::cat(&ks, 0)?, v: Tensor::cat(&vs, 0)? };
+            *slot = Some(kv);
+        }
+        state.num_images += media.iter().map(|m| m.images).sum::<usize>();
+        Ok(())
+    }
+
     /// Attaches image latents `[T, n, d]` to a sequence (after any already attached): the
     /// cross-attention K/V of every gated layer are computed here, once.
     pub fn attach_media(&self, state: &mut SequenceState, latents: &Tensor) -> Result<()> {
-        let latents = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
-        for (slot, block) in state.xattn.iter_mut().zip(&self.xattn) {
-            if let Some(block) = block {
-                let kv = block.media_kv(&latents)?;
-                *slot = Some(match slot.take() {
-                    Some(old) => crate::state::XattnKv {
-                        k: Tensor::cat(&[&old.k, &kv.k], 0)?,
-                        v: Tensor::cat(&[&old.v, &kv.v], 0)?,
-                    },
-                    None => kv,
-                });
-            }
-        }
-        state.num_images += latents.dim(0)?;
-        Ok(())
+        let kv = self.media_kv(latents)?;
+        self.attach_media_kv(state, &[&kv])
     }
 
     /// Restores a cached prompt prefix into a fresh state (images already attached): appends

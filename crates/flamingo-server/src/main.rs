@@ -3,6 +3,8 @@
 //! `flamingo generate --model DIR --image PATH [--image PATH ...] --prompt TEXT [...]` runs one
 //! interleaved image/text prompt through a Flamingo-family model and prints the continuation.
 
+mod bench;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -22,6 +24,8 @@ struct Cli {
 enum Command {
     /// Continue one interleaved image/text prompt.
     Generate(GenerateArgs),
+    /// Measure the engine (batching, caches) on a random model of a real shape.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -146,6 +150,7 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Generate(a) => run_generate(a),
+        Command::Bench(a) => bench::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

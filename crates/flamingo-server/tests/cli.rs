@@ -112,3 +112,15 @@ fn half_precision_runs() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
 }
+
+#[test]
+fn bench_runs_on_a_tiny_random_model() {
+    // Not a timing test: the benchmark must keep working; its figures live in BENCHMARKS.md.
+    let out = flamingo(&["bench", "--size", "tiny", "--repeats", "1", "--decode-steps", "2", "--concurrency", "1,4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for section in ["Aggregate decode throughput", "4-shot prompt", "vision cache"] {
+        assert!(text.contains(section), "{text}");
+    }
+    assert!(text.contains("| 4 |"), "{text}");
+}

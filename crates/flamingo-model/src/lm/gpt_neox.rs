@@ -106,7 +106,7 @@ impl LanguageModel for GptNeoX {
         &self.layers[i]
     }
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.final_layer_norm.forward(x)?.matmul(&self.embed_out.t()?)
+        crate::nn::matmul_wt(&self.final_layer_norm.forward(x)?, &self.embed_out)
     }
     fn hidden_size(&self) -> usize {
         self.hidden

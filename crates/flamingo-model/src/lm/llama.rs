@@ -95,7 +95,7 @@ impl LanguageModel for Llama {
         &self.layers[i]
     }
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.norm.forward(x)?.matmul(&self.lm_head.t()?)
+        crate::nn::matmul_wt(&self.norm.forward(x)?, &self.lm_head)
     }
     fn hidden_size(&self) -> usize {
         self.hidden

@@ -181,7 +181,7 @@ impl LanguageModel for MptModel {
     }
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.ln_f.forward(x)?;
-        let l = h.matmul(&self.wte.t()?)?;
+        let l = crate::nn::matmul_wt(&h, &self.wte)?;
         match self.logit_scale {
             Some(s) => l * s,
             None => Ok(l),

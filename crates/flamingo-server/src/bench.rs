@@ -1,0 +1,227 @@
+//! `flamingo bench`: throughput and cache effects of the engine on a random model of a real
+//! architecture shape, built in memory (no download). Drives the scheduler directly so the
+//! timings contain model work only.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::Args;
+use flamingo_engine::{media_key, Event, EngineConfig, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest};
+use flamingo_model::candle::{DType, Device, Tensor};
+use flamingo_model::random::{build, RandomSpec};
+use flamingo_model::Flamingo;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model size: `mid` (~0.4 B parameters) or `tiny` (for a quick smoke run).
+    #[arg(long, default_value = "mid")]
+    size: String,
+    /// Concurrent sequences for the decode-throughput table.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+    concurrency: Vec<usize>,
+    /// Decode steps timed per concurrency level.
+    #[arg(long, default_value_t = 16)]
+    decode_steps: usize,
+    /// Repetitions of each time-to-first-token measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+struct Bench {
+    model: Arc<Flamingo>,
+    media: u32,
+    eoc: u32,
+    vocab: u32,
+}
+
+fn image(seed: u64, size: usize) -> Result<PreparedMedia> {
+    let px = Tensor::randn(0f32, 1.0, (1, 3, size, size), &Device::Cpu)?;
+    Ok(PreparedMedia { key: media_key(&seed.to_le_bytes(), "bench"), pixels: px })
+}
+
+impl Bench {
+    fn request(&self, prompt: Vec<u32>, media: Vec<PreparedMedia>, max_new: usize) -> Result<ValidRequest> {
+        Ok(ValidRequest::new(
+            prompt,
+            media,
+            SamplingParams::default(),
+            // No stop token: every request runs to its length.
+            StopParams { max_new_tokens: max_new, stop_token_ids: vec![] },
+            self.media,
+            self.vocab as usize,
+        )?)
+    }
+
+    /// Deterministic text tokens (never special ids).
+    fn text(&self, n: usize, seed: u32) -> Vec<u32> {
+        (0..n as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 7919)) % (self.vocab - 10)).collect()
+    }
+
+    fn scheduler(&self, cfg: EngineConfig) -> Scheduler<Arc<Flamingo>> {
+        Scheduler::new(self.model.clone(), cfg)
+    }
+
+    /// Aggregate decode tokens/s with `n` sequences decoding together.
+    fn decode_throughput(&self, n: usize, steps: usize) -> Result<f64> {
+        let cfg = EngineConfig { max_running: n, max_batched_tokens: 4096, ..Default::default() };
+        let mut s = self.scheduler(cfg);
+        let size = self.model.config().vision.image_size;
+        let img = image(1, size)?;
+        let mut streams = Vec::new();
+        for i in 0..n {
+            let mut p = vec![self.media];
+            p.extend(self.text(8, i as u32));
+            let (tx, rx) = unbounded_channel();
+            s.submit(self.request(p, vec![img.clone()], steps + 4)?, tx)?;
+            streams.push(rx);
+        }
+        // Until every sequence is decoding.
+        while s.step(Some(self.media)).decode_tokens < n {}
+        let t = Instant::now();
+        let mut tokens = 0;
+        for _ in 0..steps {
+            let r = s.step(Some(self.media));
+            if r.prefill_tokens > 0 {
+                bail!("prefill during the timed decode window");
+            }
+            tokens += r.decode_tokens;
+        }
+        Ok(tokens as f64 / t.elapsed().as_secs_f64())
+    }
+
+    /// Time from submission to the first token of `req` on scheduler `s`.
+    fn ttft(&self, s: &mut Scheduler<Arc<Flamingo>>, req: ValidRequest) -> Result<Duration> {
+        let (tx, mut rx): (_, UnboundedReceiver<Event>) = unbounded_channel();
+        let t = Instant::now();
+        s.submit(req, tx)?;
+        loop {
+            s.step(Some(self.media));
+            if let Ok(Event::Token(_)) = rx.try_recv() {
+                break;
+            }
+        }
+        let took = t.elapsed();
+        drop(rx);
+        s.step(Some(self.media)); // cancels and frees it
+        Ok(took)
+    }
+
+    /// A 4-shot captioning prompt: 4 x (<image> + caption + <|endofchunk|>) + <image> + query.
+    fn few_shot(&self, shots: usize, caption: usize, query_seed: u32) -> Vec<u32> {
+        let mut p = Vec::new();
+        for k in 0..shots {
+            p.push(self.media);
+            p.extend(self.text(caption, 100 + k as u32));
+            p.push(self.eoc);
+        }
+        p.push(self.media);
+        p.extend(self.text(3, query_seed));
+        p
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let spec = match a.size.as_str() {
+        "mid" => RandomSpec::mid(),
+        "tiny" => RandomSpec {
+            vision_width: 128,
+            vision_layers: 2,
+            image_size: 224,
+            patch_size: 14,
+            d_model: 128,
+            n_heads: 4,
+            n_layers: 4,
+            vocab: 1000,
+            cross_attn_every_n_layers: 2,
+            perceiver_depth: 2,
+        },
+        other => bail!("unknown --size {other} (mid or tiny)"),
+    };
+    let t = Instant::now();
+    let model = Arc::new(build(&spec, &Device::Cpu, DType::F32)?);
+    let params = Flamingo::describe_size(&spec);
+    println!(
+        "model: random OpenFlamingo-style, {:.0} M parameters (ViT {}x{}, MPT {}x{}, xattn every {}), f32, CPU, built in {:.1} s",
+        params as f64 / 1e6,
+        spec.vision_layers,
+        spec.vision_width,
+        spec.n_layers,
+        spec.d_model,
+        spec.cross_attn_every_n_layers,
+        t.elapsed().as_secs_f64()
+    );
+    let cfg = model.config().clone();
+    let b = Bench { model, media: cfg.media_token_id, eoc: cfg.eoc_token_id, vocab: cfg.vocab_rows as u32 };
+    let size = cfg.vision.image_size;
+
+    println!("\n## Aggregate decode throughput ({} steps)\n", a.decode_steps);
+    println!("| sequences | tokens/s | vs 1 |");
+    println!("|---|---|---|");
+    let mut base = None;
+    for &n in &a.concurrency {
+        let tps = b.decode_throughput(n, a.decode_steps)?;
+        let b1 = *base.get_or_insert(tps);
+        println!("| {n} | {tps:.1} | {:.2}x |", tps / b1);
+    }
+
+    // Time to first token, 4-shot prompt, all images already in the vision cache.
+    let shots = 4;
+    let demos: Vec<PreparedMedia> = (0..shots as u64).map(|k| image(10 + k, size)).collect::<Result<_>>()?;
+    let query = image(99, size)?;
+    let media = |q: &PreparedMedia| -> Vec<PreparedMedia> {
+        let mut m = demos.clone();
+        m.push(q.clone());
+        m
+    };
+    let prompt = b.few_shot(shots, 20, 1);
+    println!("\n## Time to first token, {shots}-shot prompt ({} tokens, {} images), median of {}\n", prompt.len(), shots + 1, a.repeats);
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    let mut cached_tokens = 0;
+    for r in 0..a.repeats {
+        // Prefix cache off; vision cache warmed by a first request.
+        let mut s = b.scheduler(EngineConfig { prefix_cache_bytes: 0, ..Default::default() });
+        b.ttft(&mut s, b.request(b.few_shot(shots, 20, 50 + r as u32), media(&query), 1)?)?;
+        cold.push(b.ttft(&mut s, b.request(b.few_shot(shots, 20, 1 + r as u32), media(&query), 1)?)?);
+        // Prefix cache on: the same demonstrations, another question.
+        let mut s = b.scheduler(EngineConfig::default());
+        b.ttft(&mut s, b.request(b.few_shot(shots, 20, 50 + r as u32), media(&query), 1)?)?;
+        warm.push(b.ttft(&mut s, b.request(b.few_shot(shots, 20, 1 + r as u32), media(&query), 1)?)?);
+        let bs = s.config().block_size;
+        cached_tokens = b.few_shot(shots, 20, 1).iter().zip(b.few_shot(shots, 20, 50)).take_while(|(x, y)| **x == *y).count() / bs * bs;
+    }
+    let (c, w) = (median(cold), median(warm));
+    println!("| prefix cache | time to first token | |");
+    println!("|---|---|---|");
+    println!("| miss (cache off) | {:.0} ms | |", c.as_secs_f64() * 1e3);
+    println!("| hit ({cached_tokens} tokens reused) | {:.0} ms | {:.1}x lower |", w.as_secs_f64() * 1e3, c.as_secs_f64() / w.as_secs_f64());
+
+    // Repeated image: vision cache on and off, 1-image prompt.
+    println!("\n## Time to first token, 1-image prompt (9 tokens), median of {}\n", a.repeats);
+    let mut miss = Vec::new();
+    let mut hit = Vec::new();
+    for r in 0..a.repeats {
+        let mut s = b.scheduler(EngineConfig { prefix_cache_bytes: 0, vision_cache_bytes: 0, ..Default::default() });
+        let mut p = vec![b.media];
+        p.extend(b.text(8, 5));
+        let img = image(1000 + r as u64, size)?;
+        b.ttft(&mut s, b.request(p.clone(), vec![img.clone()], 1)?)?;
+        miss.push(b.ttft(&mut s, b.request(p.clone(), vec![img.clone()], 1)?)?);
+        let mut s = b.scheduler(EngineConfig { prefix_cache_bytes: 0, ..Default::default() });
+        b.ttft(&mut s, b.request(p.clone(), vec![img.clone()], 1)?)?;
+        hit.push(b.ttft(&mut s, b.request(p, vec![img], 1)?)?);
+    }
+    let (m, h) = (median(miss), median(hit));
+    println!("| vision cache | time to first token | |");
+    println!("|---|---|---|");
+    println!("| miss (cache off) | {:.0} ms | |", m.as_secs_f64() * 1e3);
+    println!("| hit | {:.0} ms | {:.1}x lower |", h.as_secs_f64() * 1e3, m.as_secs_f64() / h.as_secs_f64());
+    Ok(())
+}
