@@ -26,6 +26,8 @@ pub trait Backend: Send + 'static {
     fn attach(&self, state: &mut Self::State, media: &[&Self::Media]) -> Result<(), String>;
     /// One ragged step: new tokens for each sequence -> last-position logits of each.
     fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String>;
+    /// A deep copy of a state (beams forking from one parent).
+    fn fork(&self, state: &Self::State) -> Result<Self::State, String>;
     /// Bytes a sequence's state holds now.
     fn state_bytes(&self, state: &Self::State) -> usize;
     /// Self-attention KV bytes one token adds (for admission estimates).
@@ -72,6 +74,10 @@ impl Backend for Flamingo {
     fn forward(&self, states: &mut [&mut SequenceState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String> {
         let logits = Flamingo::forward(self, states, inputs, Logits::Last).map_err(|e| e.to_string())?;
         logits.to_vec2::<f32>().map_err(|e| e.to_string())
+    }
+
+    fn fork(&self, state: &SequenceState) -> Result<SequenceState, String> {
+        state.fork().map_err(|e| e.to_string())
     }
 
     fn state_bytes(&self, state: &SequenceState) -> usize {
@@ -121,6 +127,9 @@ impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
     }
     fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String> {
         (**self).forward(states, inputs)
+    }
+    fn fork(&self, state: &Self::State) -> Result<Self::State, String> {
+        (**self).fork(state)
     }
     fn state_bytes(&self, state: &Self::State) -> usize {
         (**self).state_bytes(state)

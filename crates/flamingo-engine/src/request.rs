@@ -46,6 +46,9 @@ pub struct StopParams {
     pub stop_token_ids: Vec<u32>,
 }
 
+/// The largest beam count a request may ask for.
+pub const MAX_BEAMS: usize = 16;
+
 /// A request the engine accepts: built only through [`ValidRequest::new`], which checks it.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
@@ -76,8 +79,10 @@ impl ValidRequest {
         if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(EngineError::Invalid(format!("token id {t} is outside the vocabulary")));
         }
-        if let Strategy::Beam { .. } = sampling.strategy {
-            return Err(EngineError::Invalid("beam search is not available in the engine yet".into()));
+        if let Strategy::Beam { num_beams, .. } = sampling.strategy {
+            if num_beams > MAX_BEAMS {
+                return Err(EngineError::Invalid(format!("num_beams must be at most {MAX_BEAMS}")));
+            }
         }
         let cfg = flamingo_model::generate::GenerationConfig {
             strategy: sampling.strategy.clone(),

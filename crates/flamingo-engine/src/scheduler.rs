@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flamingo_model::generate::{log_softmax, FinishReason, Sampler};
+use flamingo_model::generate::{apply_repetition_penalty, log_softmax, BeamSearch, FinishReason, Sampler, Strategy};
 use flamingo_model::Input;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -54,6 +54,24 @@ impl Default for SchedulerConfig {
 
 type BlockHash = [u8; 32];
 
+/// The beams of one request: they share its images and its prefilled prompt (each beam starts
+/// as a copy of the prompt's state) and advance together, one batched row each per step.
+struct Beams<S> {
+    search: BeamSearch,
+    states: Vec<S>,
+    next: Vec<u32>,
+}
+
+impl<S> Sequence<S> {
+    /// Rows this sequence puts into the next decode step (0 while prefilling).
+    fn decode_rows(&self) -> usize {
+        match &self.beams {
+            Some(b) => b.states.len(),
+            None => usize::from(self.next.is_some()),
+        }
+    }
+}
+
 struct Waiting {
     id: u64,
     req: ValidRequest,
@@ -70,8 +88,10 @@ struct Sequence<S> {
     cached_tokens: usize,
     generated: Vec<u32>,
     sampler: Sampler,
-    /// The token to feed in the next decode step.
+    /// The token to feed in the next decode step (sampling).
     next: Option<u32>,
+    /// Beam search: the running beams' states and next tokens (empty until the prompt is done).
+    beams: Option<Beams<S>>,
     reserved: usize,
     block_hashes: Vec<BlockHash>,
     submitted: Instant,
@@ -186,7 +206,11 @@ impl<B: Backend> Scheduler<B> {
     }
 
     fn estimate(&self, req: &ValidRequest) -> usize {
-        (req.prompt.len() + req.stop.max_new_tokens) * self.backend.kv_bytes_per_token()
+        let beams = match req.sampling.strategy {
+            Strategy::Beam { num_beams, .. } => num_beams.max(1),
+            _ => 1,
+        };
+        (req.prompt.len() + beams * req.stop.max_new_tokens) * self.backend.kv_bytes_per_token()
     }
 
     /// Turns a waiting request into a running sequence: media encoded (or from the vision
@@ -236,6 +260,20 @@ impl<B: Backend> Scheduler<B> {
         self.backend.restore(&mut state, &brefs)?;
         let cached = blocks.len() * self.cfg.block_size;
         let sampler = Sampler::new(&w.req.sampling.strategy, w.req.sampling.repetition_penalty);
+        let beams = match &w.req.sampling.strategy {
+            Strategy::Beam { num_beams, length_penalty, early_stopping } => Some(Beams {
+                search: BeamSearch::new(
+                    *num_beams,
+                    *length_penalty,
+                    *early_stopping,
+                    w.req.stop.max_new_tokens,
+                    w.req.stop.stop_token_ids.clone(),
+                ),
+                states: Vec::new(),
+                next: Vec::new(),
+            }),
+            _ => None,
+        };
         Ok(Sequence {
             id: w.id,
             req: w.req,
@@ -246,6 +284,7 @@ impl<B: Backend> Scheduler<B> {
             generated: Vec::new(),
             sampler,
             next: None,
+            beams,
             reserved,
             block_hashes: hashes,
             submitted: w.submitted,
@@ -308,49 +347,55 @@ impl<B: Backend> Scheduler<B> {
             }
         }
 
-        // 3. Plan: every decoding sequence contributes one token; prefill chunks fill the rest
-        // of the token budget in arrival order.
-        let decoding = self.running.iter().filter(|s| s.next.is_some()).count();
+        // 3. Plan: every decoding sequence contributes one token (a beam search one per beam);
+        // prefill chunks fill the rest of the token budget in arrival order.
+        let decoding: usize = self.running.iter().map(|s| s.decode_rows()).sum();
         let mut budget = self.cfg.max_batched_tokens.saturating_sub(decoding);
-        let mut plan: Vec<(usize, usize)> = Vec::new(); // (running index, tokens)
+        let mut planned = vec![0usize; self.running.len()]; // prompt tokens, or decode rows
         for (i, s) in self.running.iter().enumerate() {
-            if s.next.is_some() {
-                plan.push((i, 1));
+            let rows = s.decode_rows();
+            if rows > 0 {
+                planned[i] = rows;
             } else if budget > 0 {
                 let n = (s.req.prompt.len() - s.prefilled).min(budget);
                 budget -= n;
-                plan.push((i, n));
+                planned[i] = n;
             }
         }
-        if plan.is_empty() {
+        if planned.iter().all(|&n| n == 0) {
             self.publish_gauges();
             return report;
         }
 
         // 4. One ragged forward.
-        let mut planned = vec![0usize; self.running.len()];
-        for &(i, n) in &plan {
-            planned[i] = n;
-        }
-        let mut states = Vec::with_capacity(plan.len());
-        let mut inputs = Vec::with_capacity(plan.len());
+        let mut states = Vec::new();
+        let mut inputs = Vec::new();
         for (s, &n) in self.running.iter_mut().zip(&planned) {
             if n == 0 {
                 continue;
             }
-            let Sequence { state, req, next, prefilled, id, .. } = s;
-            match next {
-                Some(t) => {
-                    inputs.push(Input::Generated(*t));
+            let decoding = s.decode_rows() > 0;
+            let Sequence { state, req, next, prefilled, id, beams, .. } = s;
+            match (beams, *next) {
+                (Some(b), _) if decoding => {
+                    for (st, &t) in b.states.iter_mut().zip(&b.next) {
+                        inputs.push(Input::Generated(t));
+                        states.push(st);
+                    }
+                    report.decode_tokens += n;
+                }
+                (_, Some(t)) => {
+                    inputs.push(Input::Generated(t));
+                    states.push(state);
                     report.decode_tokens += 1;
                 }
-                None => {
+                _ => {
                     inputs.push(Input::Prompt(&req.prompt[*prefilled..*prefilled + n]));
+                    states.push(state);
                     report.prefill_tokens += n;
                 }
             }
             report.batch.push((*id, n));
-            states.push(state);
         }
         report.sequences = states.len();
         let result = self.backend.forward(&mut states, &inputs);
@@ -393,8 +438,18 @@ impl<B: Backend> Scheduler<B> {
             if n == 0 {
                 continue;
             }
-            let Some(row) = rows.next() else { break };
-            if s.next.is_none() {
+            let decoding = s.decode_rows() > 0;
+            let mut group: Vec<Vec<f32>> = Vec::new();
+            for _ in 0..if decoding { n } else { 1 } {
+                match rows.next() {
+                    Some(r) => group.push(r),
+                    None => break,
+                }
+            }
+            if group.is_empty() {
+                break;
+            }
+            if !decoding {
                 s.prefilled += n;
                 if s.prefilled < s.req.prompt.len() {
                     continue;
@@ -415,6 +470,11 @@ impl<B: Backend> Scheduler<B> {
                 }
                 metrics::gauge!(m::CACHE_BYTES, "cache" => m::PREFIX_CACHE).set(self.prefix.bytes() as f64);
             }
+            if s.beams.is_some() {
+                done[i] = beam_step(&self.backend, s, group, decoding);
+                continue;
+            }
+            let row = group.swap_remove(0);
             let mut history = s.req.prompt.clone();
             history.extend_from_slice(&s.generated);
             let tok = s.sampler.next(&row, &history);
@@ -491,4 +551,77 @@ impl<B: Backend> Scheduler<B> {
     pub fn running_ids(&self) -> Vec<u64> {
         self.running.iter().map(|s| s.id).collect()
     }
+}
+
+/// Advances one request's beam search with its rows of logits (one row right after the prompt,
+/// then one per running beam). Returns `Some(true)` when the request finished.
+fn beam_step<B: Backend>(backend: &B, s: &mut Sequence<B::State>, rows: Vec<Vec<f32>>, decoding: bool) -> Option<bool> {
+    let prompt = &s.req.prompt;
+    let penalty = s.req.sampling.repetition_penalty;
+    let b = s.beams.as_mut()?;
+    let process = |row: &[f32], generated: &[u32]| -> Vec<f32> {
+        let mut lp = log_softmax(row);
+        if penalty != 1.0 {
+            let mut hist = prompt.clone();
+            hist.extend_from_slice(generated);
+            apply_repetition_penalty(&mut lp, &hist, penalty);
+        }
+        lp
+    };
+    let k = b.search.num_beams();
+    let processed: Vec<Vec<f32>> = if decoding {
+        rows.iter().enumerate().map(|(i, r)| process(r, b.search.running_tokens(i))).collect()
+    } else {
+        // Every beam starts as the prompt (only beam 0 has a finite score, as in HF).
+        vec![process(&rows[0], &[]); k]
+    };
+    let step = b.search.step(&processed);
+    let fail = |s: &Sequence<B::State>, e: String| {
+        let _ = s.tx.send(Event::Error(e));
+        metrics::counter!(m::REQUESTS_FINISHED, "reason" => "error").increment(1);
+        Some(true)
+    };
+    if step.done {
+        let best = b.search.best();
+        let reason = if best.tokens.last().is_some_and(|t| s.req.stop.stop_token_ids.contains(t)) {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
+        for &id in &best.tokens {
+            let _ = s.tx.send(Event::Token(TokenEvent { id, logprob: None, top_logprobs: Vec::new() }));
+        }
+        s.generated = best.tokens;
+        let usage = Usage { prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), cached_tokens: s.cached_tokens };
+        let _ = s.tx.send(Event::Finished { reason, usage });
+        let label = if reason == FinishReason::Stop { "stop" } else { "length" };
+        metrics::counter!(m::REQUESTS_FINISHED, "reason" => label).increment(1);
+        return Some(true);
+    }
+    // The new running beams: the last child of a parent takes its state, earlier ones copy it.
+    let mut old: Vec<Option<B::State>> = if decoding {
+        std::mem::take(&mut b.states).into_iter().map(Some).collect()
+    } else {
+        match backend.fork(&s.state) {
+            Ok(st) => vec![Some(st)],
+            Err(e) => return fail(s, e),
+        }
+    };
+    let mut states = Vec::with_capacity(k);
+    for (i, &p) in step.parents.iter().enumerate() {
+        let p = if decoding { p } else { 0 };
+        let later = step.parents[i + 1..].iter().any(|&q| (if decoding { q } else { 0 }) == p);
+        let st = match (later, old.get_mut(p)) {
+            (true, Some(Some(st))) => backend.fork(st),
+            (false, Some(slot)) => slot.take().ok_or_else(|| "beam state already taken".to_string()),
+            _ => Err("beam parent out of range".to_string()),
+        };
+        match st {
+            Ok(st) => states.push(st),
+            Err(e) => return fail(s, e),
+        }
+    }
+    b.states = states;
+    b.next = step.tokens;
+    None
 }

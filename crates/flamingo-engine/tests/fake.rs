@@ -74,6 +74,9 @@ impl Backend for Fake {
             })
             .collect())
     }
+    fn fork(&self, s: &FakeState) -> Result<FakeState, String> {
+        Ok(FakeState { seen: s.seen.clone(), media: s.media.clone() })
+    }
     fn state_bytes(&self, s: &FakeState) -> usize {
         s.seen.len() * self.bytes_per_token
     }

@@ -147,3 +147,43 @@ fn cache_hits_give_identical_tokens() {
     let n = r.prompt.len();
     assert_eq!(cached(&fin_hit), (n - 1) / 8 * 8, "every full block but the last token's");
 }
+
+#[test]
+fn engine_beam_search_matches_reference() {
+    for case in ["mpt_x2", "gptneox_x1", "mosaicgpt_x1"] {
+        let (l, exp) = load(case);
+        let stop = vec![l.tokenizer.eoc_token_id()];
+        let engine = Engine::start(load(case).0.model, EngineConfig::default(), Some(l.tokenizer.media_token_id()));
+        for (pi, images) in [(0usize, vec!["chelsea.png"]), (1, vec!["chelsea.png", "coffee.png", "camera.png"])] {
+            let p = &exp["prompts"][pi];
+            // Submit both beam settings and a greedy request together: beams share the batch.
+            let mut streams = Vec::new();
+            for key in ["beam3", "beam3_lp0"] {
+                let b = &p[key];
+                let r = Req {
+                    prompt: ids(&p["input_ids"]),
+                    images: images.clone(),
+                    sampling: SamplingParams {
+                        strategy: Strategy::Beam {
+                            num_beams: b["num_beams"].as_u64().unwrap() as usize,
+                            length_penalty: b["length_penalty"].as_f64().unwrap() as f32,
+                            early_stopping: false,
+                        },
+                        repetition_penalty: 1.0,
+                        logprobs: None,
+                    },
+                    max_new: b["max_new_tokens"].as_u64().unwrap() as usize,
+                };
+                streams.push((key, ids(&b["ids"]), engine.submit(build(&l, &r, stop.clone())).unwrap()));
+            }
+            let g = Req { prompt: ids(&p["input_ids"]), images: images.clone(), sampling: greedy(), max_new: 12 };
+            let greedy_stream = engine.submit(build(&l, &g, stop.clone())).unwrap();
+            for (key, want, rx) in streams {
+                let (got, fin) = collect(rx);
+                assert_eq!(got, want, "{case} prompt {pi} {key}");
+                assert!(matches!(fin, Event::Finished { .. }));
+            }
+            assert_eq!(collect(greedy_stream).0, ids(&p["greedy"]["ids"]), "{case} prompt {pi} greedy next to beams");
+        }
+    }
+}
