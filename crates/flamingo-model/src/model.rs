@@ -243,7 +243,7 @@ impl Flamingo {
         }
         let lens: Vec<usize> = inputs.iter().map(|i| i.len()).collect();
         let pasts: Vec<usize> = states.iter().map(|s| s.len()).collect();
-        let mut batch = Batch { seqs: states, lens, pasts };
+        let mut batch = Batch::new(states, lens, pasts);
         let positions = batch.positions();
         let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.lm.embed(&ids_t, &positions)?.to_dtype(self.dtype)?;

@@ -160,12 +160,19 @@ pub fn causal_mask(t: usize, past: usize, device: &candle_core::Device) -> Resul
 /// Splits rows `[n, h*d]` into heads `[h, n, d]` (contiguous).
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (n, hd) = x.dims2()?;
+    if n == 1 {
+        // [1, h*d] and [h, 1, d] have the same memory order.
+        return x.contiguous()?.reshape((heads, 1, hd / heads));
+    }
     x.reshape((n, heads, hd / heads))?.transpose(0, 1)?.contiguous()
 }
 
 /// Merges heads `[h, n, d]` back into rows `[n, h*d]`.
 pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
     let (h, n, d) = x.dims3()?;
+    if n == 1 {
+        return x.contiguous()?.reshape((1, h * d));
+    }
     x.transpose(0, 1)?.contiguous()?.reshape((n, h * d))
 }
 

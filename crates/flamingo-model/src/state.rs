@@ -44,6 +44,15 @@ impl KvCache {
 
     /// Appends `k`, `v` (`[heads, t, d]`) and returns views of all keys and values so far.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.append_only(k, v)?;
+        match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => Ok((kb.narrow(1, 0, self.len)?, vb.narrow(1, 0, self.len)?)),
+            _ => candle_core::bail!("kv cache storage missing"),
+        }
+    }
+
+    /// Appends `k`, `v` (`[heads, t, d]`) to the storage.
+    pub fn append_only(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let t = k.dim(1)?;
         let need = self.len + t;
         let cap = self.k.as_ref().map(|c| c.dim(1)).transpose()?.unwrap_or(0);
@@ -67,12 +76,20 @@ impl KvCache {
         kb.slice_set(&k.contiguous()?, 1, self.len)?;
         vb.slice_set(&v.contiguous()?, 1, self.len)?;
         self.len = need;
-        Ok((kb.narrow(1, 0, need)?, vb.narrow(1, 0, need)?))
+        Ok(())
     }
 
     /// Drops everything after the first `len` positions.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// The storage buffers `[heads, capacity, d]` (keys, values) and the length in use.
+    pub(crate) fn buffers(&self) -> Option<(&Tensor, &Tensor, usize)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Some((k, v, self.len)),
+            _ => None,
+        }
     }
 
     /// Copies of positions `start..start + len`: `([heads, len, d], [heads, len, d])`.

@@ -21,6 +21,16 @@ pub struct Batch<'a, 'b> {
     pub seqs: &'a mut [&'b mut SequenceState],
     pub lens: Vec<usize>,
     pub pasts: Vec<usize>,
+    /// Per sequence: the additive attention bias (causal mask + ALiBi), the same in every layer
+    /// of one forward, so it is built by the first layer and reused.
+    pub(crate) attn_bias: Vec<Option<Option<Tensor>>>,
+}
+
+impl<'a, 'b> Batch<'a, 'b> {
+    pub fn new(seqs: &'a mut [&'b mut SequenceState], lens: Vec<usize>, pasts: Vec<usize>) -> Self {
+        let n = seqs.len();
+        Self { seqs, lens, pasts, attn_bias: vec![None; n] }
+    }
 }
 
 impl Batch<'_, '_> {
@@ -74,38 +84,155 @@ pub(crate) struct SelfAttention {
 }
 
 impl SelfAttention {
+    /// Causal mask (for several new tokens) plus the ALiBi bias, `[heads | 1, t, s]`.
+    fn bias(&self, len: usize, past: usize, dev: &Device) -> Result<Option<Tensor>> {
+        let s = past + len;
+        let mut bias = causal_mask(len, past, dev)?;
+        if let Some(slopes) = &self.alibi {
+            let dist: Vec<f32> = (0..s).map(|j| j as f32 - (s - 1) as f32).collect();
+            let dist = Tensor::from_vec(dist, (1, 1, s), dev)?;
+            let ab = slopes.reshape((self.heads, 1, 1))?.broadcast_mul(&dist)?;
+            bias = Some(match bias {
+                Some(m) => ab.broadcast_add(&m)?,
+                None => ab,
+            });
+        }
+        Ok(bias)
+    }
+
     /// q `[n, heads*hd]`, k/v `[n, kv_heads*hd]` -> `[n, heads*hd]`.
+    ///
+    /// On the CPU in f32, single-token (decode) rows skip the per-sequence tensor ops and run a
+    /// fused loop over the sequence's cache (see [`decode_attention`]); prefill chunks use
+    /// batched matmuls.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, batch: &mut Batch) -> Result<Tensor> {
+        let (n, hd) = q.dims2()?;
+        let fast = q.device().is_cpu() && q.dtype() == DType::F32;
+        let q = if fast { q.contiguous()? } else { q.clone() };
+        let mut out = if fast { vec![0f32; n * hd] } else { Vec::new() };
         let mut outs = Vec::with_capacity(batch.seqs.len());
         let mut off = 0;
         let rep = self.heads / self.kv_heads;
-        for (i, st) in batch.seqs.iter_mut().enumerate() {
-            let (len, past) = (batch.lens[i], batch.pasts[i]);
+        let Batch { seqs, lens, pasts, attn_bias } = batch;
+        for (i, st) in seqs.iter_mut().enumerate() {
+            let (len, past) = (lens[i], pasts[i]);
             if len == 0 {
                 continue;
             }
-            let qi = split_heads(&q.narrow(0, off, len)?, self.heads)?;
             let ki = split_heads(&k.narrow(0, off, len)?, self.kv_heads)?;
             let vi = split_heads(&v.narrow(0, off, len)?, self.kv_heads)?;
+            if fast && len == 1 {
+                st.kv[self.layer].append_only(&ki, &vi)?;
+                decode_attention(self, &q, off, &st.kv[self.layer], &mut out[off * hd..(off + 1) * hd])?;
+                off += len;
+                continue;
+            }
+            let qi = split_heads(&q.narrow(0, off, len)?, self.heads)?;
             let (ka, va) = st.kv[self.layer].append(&ki, &vi)?;
             let (ka, va) = (repeat_kv(&ka, rep)?, repeat_kv(&va, rep)?);
-            let s = past + len;
-            let mut bias = causal_mask(len, past, q.device())?;
-            if let Some(slopes) = &self.alibi {
-                let dist: Vec<f32> = (0..s).map(|j| j as f32 - (s - 1) as f32).collect();
-                let dist = Tensor::from_vec(dist, (1, 1, s), q.device())?;
-                let ab = slopes.reshape((self.heads, 1, 1))?.broadcast_mul(&dist)?;
-                bias = Some(match bias {
-                    Some(m) => ab.broadcast_add(&m)?,
-                    None => ab,
-                });
+            let bias = match &attn_bias[i] {
+                Some(b) => b.clone(),
+                None => {
+                    let b = self.bias(len, past, q.device())?;
+                    attn_bias[i] = Some(b.clone());
+                    b
+                }
+            };
+            let o = merge_heads(&attention(&qi, &ka, &va, self.scale, bias.as_ref())?)?;
+            if fast {
+                let rows = o.flatten_all()?.to_vec1::<f32>()?;
+                out[off * hd..(off + len) * hd].copy_from_slice(&rows);
+            } else {
+                outs.push(o);
             }
-            let o = attention(&qi, &ka, &va, self.scale, bias.as_ref())?;
-            outs.push(merge_heads(&o)?);
             off += len;
         }
-        Tensor::cat(&outs, 0)
+        if fast {
+            Tensor::from_vec(out, (n, hd), q.device())
+        } else {
+            Tensor::cat(&outs, 0)
+        }
     }
+}
+
+/// Runs `f` on the f32 contents of a contiguous CPU tensor, from its start offset.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() {
+        candle_core::bail!("decode attention needs contiguous buffers");
+    }
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let s = cpu.as_slice::<f32>()?;
+            Ok(f(&s[layout.start_offset()..]))
+        }
+        _ => candle_core::bail!("decode attention runs on the CPU"),
+    }
+}
+
+/// Dot product with independent partial sums (so it vectorises).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// Attention of one new token (row `row` of `q`) over a sequence's whole cache, written to
+/// `out` (`heads * head_dim`): `softmax(q·kᵀ·scale + alibi)·v` per head, in f32, with the same
+/// ALiBi bias as the batched path (`slope · (j − (s − 1))`).
+fn decode_attention(a: &SelfAttention, q: &Tensor, row: usize, cache: &crate::state::KvCache, out: &mut [f32]) -> Result<()> {
+    let (kb, vb, s) = cache.buffers().ok_or_else(|| candle_core::Error::Msg("empty kv cache".into()))?;
+    let cap = kb.dim(1)?;
+    let d = a.head_dim;
+    let rep = a.heads / a.kv_heads;
+    let slopes: Option<Vec<f32>> = a.alibi.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
+    let scale = a.scale as f32;
+    with_f32(q, |qs| {
+        with_f32(kb, |ks| {
+            with_f32(vb, |vs| {
+                let mut scores = vec![0f32; s];
+                for h in 0..a.heads {
+                    let kh = h / rep;
+                    let qh = &qs[row * a.heads * d + h * d..][..d];
+                    let kbase = kh * cap * d;
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        let mut x = dot(qh, &ks[kbase + j * d..][..d]) * scale;
+                        if let Some(sl) = &slopes {
+                            x += sl[h] * (j as f32 - (s - 1) as f32);
+                        }
+                        *sc = x;
+                        max = max.max(x);
+                    }
+                    let mut sum = 0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let oh = &mut out[h * d..(h + 1) * d];
+                    oh.fill(0.0);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let p = p / sum;
+                        let vj = &vs[kbase + j * d..][..d];
+                        for (o, &x) in oh.iter_mut().zip(vj) {
+                            *o += p * x;
+                        }
+                    }
+                }
+            })
+        })
+    })???;
+    Ok(())
 }
 
 /// Rotary position embedding in the "rotate half" convention of HF's GPT-NeoX and LLaMA, applied
