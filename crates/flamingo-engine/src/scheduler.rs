@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flamingo_model::generate::{apply_repetition_penalty, log_softmax, BeamSearch, FinishReason, Sampler, Strategy};
+use flamingo_model::generate::{apply_repetition_penalty, log_softmax, reorder_beams, BeamSearch, FinishReason, Sampler, Strategy};
 use flamingo_model::Input;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -475,9 +475,14 @@ impl<B: Backend> Scheduler<B> {
                 continue;
             }
             let row = group.swap_remove(0);
-            let mut history = s.req.prompt.clone();
-            history.extend_from_slice(&s.generated);
-            let tok = s.sampler.next(&row, &history);
+            // Only the repetition penalty reads the history; avoid copying it otherwise.
+            let tok = if s.req.sampling.repetition_penalty == 1.0 {
+                s.sampler.next(&row, &[])
+            } else {
+                let mut history = s.req.prompt.clone();
+                history.extend_from_slice(&s.generated);
+                s.sampler.next(&row, &history)
+            };
             let mut ev = TokenEvent { id: tok, logprob: None, top_logprobs: Vec::new() };
             if let Some(k) = s.req.sampling.logprobs {
                 let lp = log_softmax(&row);
@@ -599,29 +604,20 @@ fn beam_step<B: Backend>(backend: &B, s: &mut Sequence<B::State>, rows: Vec<Vec<
         return Some(true);
     }
     // The new running beams: the last child of a parent takes its state, earlier ones copy it.
-    let mut old: Vec<Option<B::State>> = if decoding {
-        std::mem::take(&mut b.states).into_iter().map(Some).collect()
+    let mut old: Vec<B::State> = if decoding {
+        std::mem::take(&mut b.states)
     } else {
         match backend.fork(&s.state) {
-            Ok(st) => vec![Some(st)],
+            Ok(st) => vec![st],
             Err(e) => return fail(s, e),
         }
     };
-    let mut states = Vec::with_capacity(k);
-    for (i, &p) in step.parents.iter().enumerate() {
-        let p = if decoding { p } else { 0 };
-        let later = step.parents[i + 1..].iter().any(|&q| (if decoding { q } else { 0 }) == p);
-        let st = match (later, old.get_mut(p)) {
-            (true, Some(Some(st))) => backend.fork(st),
-            (false, Some(slot)) => slot.take().ok_or_else(|| "beam state already taken".to_string()),
-            _ => Err("beam parent out of range".to_string()),
-        };
-        match st {
-            Ok(st) => states.push(st),
-            Err(e) => return fail(s, e),
-        }
+    // Right after the prompt every beam descends from the prompt's state.
+    let parents: Vec<usize> = if decoding { step.parents.clone() } else { vec![0; step.parents.len()] };
+    match reorder_beams(std::mem::take(&mut old), &parents, |st| backend.fork(st)) {
+        Ok(states) => b.states = states,
+        Err(e) => return fail(s, e),
     }
-    b.states = states;
     b.next = step.tokens;
     None
 }

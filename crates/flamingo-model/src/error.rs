@@ -36,3 +36,9 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<String> for Error {
+    fn from(msg: String) -> Self {
+        Error::Invalid(msg)
+    }
+}

@@ -367,6 +367,28 @@ impl BeamSearch {
     }
 }
 
+/// The states of the next running beams: beam `i` continues from `old[parents[i]]`. The last
+/// child of a parent takes its state; earlier children get copies (`fork`).
+pub fn reorder_beams<S, E: From<String>>(
+    old: Vec<S>,
+    parents: &[usize],
+    fork: impl Fn(&S) -> std::result::Result<S, E>,
+) -> std::result::Result<Vec<S>, E> {
+    let mut old: Vec<Option<S>> = old.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(parents.len());
+    for (i, &p) in parents.iter().enumerate() {
+        let later = parents[i + 1..].contains(&p);
+        let slot = old.get_mut(p).ok_or_else(|| E::from(format!("beam parent {p} out of range")))?;
+        let st = if later {
+            fork(slot.as_ref().ok_or_else(|| E::from("beam state already taken".to_string()))?)?
+        } else {
+            slot.take().ok_or_else(|| E::from("beam state already taken".to_string()))?
+        };
+        out.push(st);
+    }
+    Ok(out)
+}
+
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -481,42 +503,22 @@ fn beam_generate(
     // All beams start as copies of the prompt's state (only beam 0 has a finite score).
     let first = process(&first_logits, &[]);
     let mut rows: Vec<Vec<f32>> = vec![first; num_beams];
-    let mut states: Vec<Option<SequenceState>> = vec![Some(state)];
+    let mut states: Vec<SequenceState> = vec![state];
     let mut parents_of_state: Vec<usize> = vec![0; num_beams]; // running beam -> index into `states`
     loop {
         let step = search.step(&rows);
         if step.done {
             break;
         }
-        // New states: the first child of a parent takes its state, later children copy it.
-        let mut new_states: Vec<SequenceState> = Vec::with_capacity(num_beams);
-        let mut taken: Vec<Option<SequenceState>> = states;
-        let mut copies: Vec<Option<SequenceState>> = (0..taken.len()).map(|_| None).collect();
-        let needed: Vec<usize> = step.parents.iter().map(|&p| parents_of_state[p]).collect();
-        for (i, &si) in needed.iter().enumerate() {
-            let later_use = needed[i + 1..].contains(&si);
-            let st = if later_use {
-                match &taken[si] {
-                    Some(s) => s.fork()?,
-                    None => copies[si].as_ref().ok_or_else(|| Error::Invalid("beam state lost".into()))?.fork()?,
-                }
-            } else {
-                match taken[si].take() {
-                    Some(s) => {
-                        copies[si] = None;
-                        s
-                    }
-                    None => copies[si].take().ok_or_else(|| Error::Invalid("beam state lost".into()))?,
-                }
-            };
-            new_states.push(st);
-        }
+        let old: Vec<SequenceState> = states;
+        let parents: Vec<usize> = step.parents.iter().map(|&p| parents_of_state[p]).collect();
+        let mut new_states = reorder_beams(old, &parents, |s| s.fork().map_err(Error::from))?;
         let inputs: Vec<Input> = step.tokens.iter().map(|&t| Input::Generated(t)).collect();
         let mut refs: Vec<&mut SequenceState> = new_states.iter_mut().collect();
         let logits = model.forward(&mut refs, &inputs, Logits::Last)?;
         let logits = logits.to_vec2::<f32>()?;
         rows = logits.iter().enumerate().map(|(b, l)| process(l, search.running_tokens(b))).collect();
-        states = new_states.into_iter().map(Some).collect();
+        states = new_states;
         parents_of_state = (0..num_beams).collect();
     }
     let best = search.best();

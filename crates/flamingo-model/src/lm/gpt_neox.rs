@@ -150,6 +150,7 @@ pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Re
                     head_dim,
                     scale: 1.0 / (head_dim as f64).sqrt(),
                     alibi: None,
+                    alibi_host: None,
                 },
                 rotary: rotary.clone(),
                 parallel: cfg.use_parallel_residual,

@@ -81,6 +81,8 @@ pub(crate) struct SelfAttention {
     /// ALiBi slopes per head (MPT family); the bias for key `j` of `s` keys is
     /// `slope · (j − (s − 1))`, as the reference builds it.
     pub alibi: Option<Tensor>,
+    /// The same slopes on the host, for the fused decode loop.
+    pub alibi_host: Option<Vec<f32>>,
 }
 
 impl SelfAttention {
@@ -195,7 +197,7 @@ fn decode_attention(a: &SelfAttention, q: &Tensor, row: usize, cache: &crate::st
     let cap = kb.dim(1)?;
     let d = a.head_dim;
     let rep = a.heads / a.kv_heads;
-    let slopes: Option<Vec<f32>> = a.alibi.as_ref().map(|t| t.to_vec1::<f32>()).transpose()?;
+    let slopes = &a.alibi_host;
     let scale = a.scale as f32;
     with_f32(q, |qs| {
         with_f32(kb, |ks| {
@@ -208,7 +210,7 @@ fn decode_attention(a: &SelfAttention, q: &Tensor, row: usize, cache: &crate::st
                     let mut max = f32::NEG_INFINITY;
                     for (j, sc) in scores.iter_mut().enumerate() {
                         let mut x = dot(qh, &ks[kbase + j * d..][..d]) * scale;
-                        if let Some(sl) = &slopes {
+                        if let Some(sl) = slopes {
                             x += sl[h] * (j as f32 - (s - 1) as f32);
                         }
                         *sc = x;

@@ -106,6 +106,7 @@ impl MptBlock {
                 head_dim,
                 scale: cfg.softmax_scale.unwrap_or(1.0 / (head_dim as f64).sqrt()),
                 alibi: Some(slopes.clone()),
+                alibi_host: Some(slopes.to_vec1::<f32>()?),
             },
             clip_qkv: cfg.clip_qkv,
             d_model: d,
