@@ -244,9 +244,8 @@ impl Flamingo {
         let lens: Vec<usize> = inputs.iter().map(|i| i.len()).collect();
         let pasts: Vec<usize> = states.iter().map(|s| s.len()).collect();
         let mut batch = Batch::new(states, lens, pasts);
-        let positions = batch.positions();
         let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.lm.embed(&ids_t, &positions)?.to_dtype(self.dtype)?;
+        let mut x = self.lm.embed(&ids_t, batch.positions())?.to_dtype(self.dtype)?;
         for i in 0..self.lm.num_layers() {
             if let Some(block) = &self.xattn[i] {
                 let seqs: Vec<_> = batch

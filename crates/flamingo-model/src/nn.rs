@@ -29,9 +29,9 @@ impl Linear {
 
 /// `x · Wᵀ` for a `[out, in]` weight, choosing the faster operand order (see [`Linear`]).
 pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    match x.dims() {
-        &[m, _] if (2..=96).contains(&m) && x.device().is_cpu() => w.matmul(&x.t()?)?.t()?.contiguous(),
-        &[_, _] => x.matmul(&w.t()?),
+    match *x.dims() {
+        [m, _] if (2..=96).contains(&m) && x.device().is_cpu() => w.matmul(&x.t()?)?.t()?.contiguous(),
+        [_, _] => x.matmul(&w.t()?),
         _ => x.broadcast_matmul(&w.t()?),
     }
 }

@@ -148,7 +148,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let model = Arc::new(build(&spec, &Device::Cpu, DType::F32)?);
     let params = Flamingo::describe_size(&spec);
     println!(
-        "model: random OpenFlamingo-style, {:.0} M parameters (ViT {}x{}, MPT {}x{}, xattn every {}), f32, CPU, built in {:.1} s",
+        "model: random OpenFlamingo-style, about {:.0} M parameters by shape (ViT {}x{}, MPT {}x{}, xattn every {}), f32, CPU, built in {:.1} s",
         params as f64 / 1e6,
         spec.vision_layers,
         spec.vision_width,

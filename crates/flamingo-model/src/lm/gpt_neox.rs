@@ -69,12 +69,11 @@ impl DecoderLayer for Layer {
         let (h, d) = (self.attn.heads, self.attn.head_dim);
         // [n, h, 3d]: per head q | k | v.
         let qkv = self.query_key_value.forward(&self.input_layernorm.forward(x)?)?.reshape((n, h, 3 * d))?;
-        let positions = batch.positions();
         let q = qkv.narrow(2, 0, d)?.reshape((n, h * d))?;
         let k = qkv.narrow(2, d, d)?.reshape((n, h * d))?;
         let v = qkv.narrow(2, 2 * d, d)?.reshape((n, h * d))?;
-        let q = self.rotary.apply(&q, h, &positions)?;
-        let k = self.rotary.apply(&k, h, &positions)?;
+        let q = batch.rotate(&self.rotary, &q, h)?;
+        let k = batch.rotate(&self.rotary, &k, h)?;
         let a = self.dense.forward(&self.attn.forward(&q, &k, &v, batch)?)?;
         if self.parallel {
             let m = self.mlp(&self.post_attention_layernorm.forward(x)?)?;

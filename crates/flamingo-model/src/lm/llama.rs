@@ -64,9 +64,8 @@ struct Layer {
 impl DecoderLayer for Layer {
     fn forward(&self, x: &Tensor, batch: &mut Batch) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let positions = batch.positions();
-        let q = self.rotary.apply(&self.q_proj.forward(&h)?, self.attn.heads, &positions)?;
-        let k = self.rotary.apply(&self.k_proj.forward(&h)?, self.attn.kv_heads, &positions)?;
+        let q = batch.rotate(&self.rotary, &self.q_proj.forward(&h)?, self.attn.heads)?;
+        let k = batch.rotate(&self.rotary, &self.k_proj.forward(&h)?, self.attn.kv_heads)?;
         let v = self.v_proj.forward(&h)?;
         let x = (x + self.o_proj.forward(&self.attn.forward(&q, &k, &v, batch)?)?)?;
         let h = self.post_attention_layernorm.forward(&x)?;

@@ -24,23 +24,37 @@ pub struct Batch<'a, 'b> {
     /// Per sequence: the additive attention bias (causal mask + ALiBi), the same in every layer
     /// of one forward, so it is built by the first layer and reused.
     pub(crate) attn_bias: Vec<Option<Option<Tensor>>>,
+    /// Absolute position of every stacked row.
+    positions: Vec<u32>,
+    /// Rotary cos/sin tables for `positions`, built by the first layer that needs them (all
+    /// layers of a model share one rotary setting).
+    rope_tables: Option<(Tensor, Tensor)>,
 }
 
 impl<'a, 'b> Batch<'a, 'b> {
     pub fn new(seqs: &'a mut [&'b mut SequenceState], lens: Vec<usize>, pasts: Vec<usize>) -> Self {
         let n = seqs.len();
-        Self { seqs, lens, pasts, attn_bias: vec![None; n] }
+        let positions =
+            lens.iter().zip(&pasts).flat_map(|(&len, &past)| (past..past + len).map(|p| p as u32)).collect();
+        Self { seqs, lens, pasts, attn_bias: vec![None; n], positions, rope_tables: None }
     }
 }
 
 impl Batch<'_, '_> {
     /// Absolute position of every stacked row.
-    pub fn positions(&self) -> Vec<u32> {
-        self.lens
-            .iter()
-            .zip(&self.pasts)
-            .flat_map(|(&len, &past)| (past..past + len).map(|p| p as u32))
-            .collect()
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
+    /// Applies rotary embedding to `x` (`[n, heads * head_dim]`), building the tables once.
+    pub(crate) fn rotate(&mut self, rotary: &Rotary, x: &Tensor, heads: usize) -> Result<Tensor> {
+        if self.rope_tables.is_none() {
+            self.rope_tables = Some(rotary.tables(&self.positions, x.device())?);
+        }
+        match &self.rope_tables {
+            Some((cos, sin)) => rotary.apply(x, heads, cos, sin),
+            None => candle_core::bail!("rotary tables missing"),
+        }
     }
 
     pub fn total(&self) -> usize {
@@ -115,7 +129,7 @@ impl SelfAttention {
         let mut outs = Vec::with_capacity(batch.seqs.len());
         let mut off = 0;
         let rep = self.heads / self.kv_heads;
-        let Batch { seqs, lens, pasts, attn_bias } = batch;
+        let Batch { seqs, lens, pasts, attn_bias, .. } = batch;
         for (i, st) in seqs.iter_mut().enumerate() {
             let (len, past) = (lens[i], pasts[i]);
             if len == 0 {
@@ -254,12 +268,11 @@ impl Rotary {
         Self { inv_freq, rot_dims }
     }
 
-    /// `x`: `[n, heads * head_dim]` rows at `positions` -> same shape, rotated.
-    pub fn apply(&self, x: &Tensor, heads: usize, positions: &[u32]) -> Result<Tensor> {
+    /// `x`: `[n, heads * head_dim]` rows with their `cos`/`sin` tables -> same shape, rotated.
+    pub fn apply(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (n, hd) = x.dims2()?;
         let head_dim = hd / heads;
         let half = self.rot_dims / 2;
-        let (cos, sin) = self.tables(positions, x.device())?;
         let x = x.reshape((n, heads, head_dim))?;
         let dtype = x.dtype();
         let xr = x.narrow(D::Minus1, 0, self.rot_dims)?.to_dtype(DType::F32)?;
@@ -276,7 +289,7 @@ impl Rotary {
         Tensor::cat(&parts, D::Minus1)?.reshape((n, hd))
     }
 
-    fn tables(&self, positions: &[u32], dev: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn tables(&self, positions: &[u32], dev: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
