@@ -1,0 +1,1 @@
+//! Downloading released checkpoints by manifest name from the Hugging Face hub.
