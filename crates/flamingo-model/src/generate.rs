@@ -422,14 +422,17 @@ pub fn prefill(model: &Flamingo, prompt: &[u32], latents: Option<&Tensor>) -> Re
     Ok((state, logits.squeeze(0)?.to_vec1::<f32>()?))
 }
 
+/// The byte offset of the earliest occurrence of any of `stops` in `text`.
+pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
 fn finish_text(tokenizer: &FlamingoTokenizer, ids: &[u32], stops: &[String]) -> Result<(String, bool)> {
     let text = tokenizer.decode(ids)?;
-    for s in stops {
-        if let Some(pos) = text.find(s.as_str()) {
-            return Ok((text[..pos].to_string(), true));
-        }
+    match find_stop(&text, stops) {
+        Some(pos) => Ok((text[..pos].to_string(), true)),
+        None => Ok((text, false)),
     }
-    Ok((text, false))
 }
 
 /// Generates a continuation for one request (prompt ids with `<image>` tokens, and the latents of

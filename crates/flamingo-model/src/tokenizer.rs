@@ -15,8 +15,56 @@ pub const MEDIA_TOKEN: &str = "<image>";
 pub const EOC_TOKEN: &str = "<|endofchunk|>";
 pub const PAD_TOKEN: &str = "<PAD>";
 
+/// A piece of a prompt assembled by a prompt builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment<'a> {
+    /// Literal text: never turned into special tokens.
+    Text(&'a str),
+    /// An `<image>` slot.
+    Media,
+    /// `<|endofchunk|>`.
+    EndOfChunk,
+}
+
+impl Segment<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Segment::Text(t) => t,
+            Segment::Media => MEDIA_TOKEN,
+            Segment::EndOfChunk => EOC_TOKEN,
+        }
+    }
+}
+
+/// A copy of `inner` whose special added tokens are removed (so they are never matched in text),
+/// and the removed tokens' contents.
+fn literal_tokenizer(inner: &Tokenizer) -> Result<(Tokenizer, Vec<String>)> {
+    let err = |e: String| Error::Tokenizer(format!("building the literal-text tokenizer: {e}"));
+    let json = inner.to_string(false).map_err(|e| err(e.to_string()))?;
+    let mut v: serde_json::Value = serde_json::from_str(&json).map_err(|e| err(e.to_string()))?;
+    let mut specials = Vec::new();
+    if let Some(added) = v.get_mut("added_tokens").and_then(|a| a.as_array_mut()) {
+        added.retain(|t| {
+            let special = t.get("special").and_then(|s| s.as_bool()).unwrap_or(false);
+            if special {
+                if let Some(c) = t.get("content").and_then(|c| c.as_str()) {
+                    specials.push(c.to_string());
+                }
+            }
+            !special
+        });
+    }
+    let literal: Tokenizer = v.to_string().parse().map_err(|e: tokenizers::Error| err(e.to_string()))?;
+    Ok((literal, specials))
+}
+
 pub struct FlamingoTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without its special added tokens: user text encoded with it can never
+    /// produce `<image>`, `<|endofchunk|>`, `<|endoftext|>`, ...
+    literal: Tokenizer,
+    /// Contents of the special added tokens (`<image>`, `<|endofchunk|>`, the base's own).
+    specials: Vec<String>,
     media_token_id: u32,
     eoc_token_id: u32,
     pad_token_id: u32,
@@ -78,7 +126,8 @@ impl FlamingoTokenizer {
         let eoc = last_id(&inner, EOC_TOKEN)?;
         let eos = get("eos_token").and_then(|t| inner.token_to_id(&t));
         let bos = get("bos_token").and_then(|t| inner.token_to_id(&t));
-        Ok(Self { inner, media_token_id: media, eoc_token_id: eoc, pad_token_id: pad, eos_token_id: eos, bos_token_id: bos })
+        let (literal, specials) = literal_tokenizer(&inner)?;
+        Ok(Self { inner, literal, specials, media_token_id: media, eoc_token_id: eoc, pad_token_id: pad, eos_token_id: eos, bos_token_id: bos })
     }
 
     /// Number of ids including the added tokens (`len(tokenizer)` in Python): the row count of
@@ -117,6 +166,48 @@ impl FlamingoTokenizer {
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes a prompt made of literal text and special tokens placed by a prompt builder (a
+    /// chat template). When no text segment contains a special token's characters, this is
+    /// exactly [`Self::encode_prompt`] of the concatenated string (the same ids `flamingo
+    /// generate` gets for that prompt). Otherwise each run of text is encoded with the special
+    /// tokens disabled, so a user typing `<image>` gets those characters, never an image slot.
+    pub fn encode_segments(&self, segments: &[Segment<'_>]) -> Result<Vec<u32>> {
+        let literal_only = segments.iter().all(|s| match s {
+            Segment::Text(t) => !self.specials.iter().any(|sp| t.contains(sp.as_str())),
+            _ => true,
+        });
+        if literal_only {
+            let text: String = segments.iter().map(|s| s.as_str()).collect();
+            return self.encode_prompt(&text);
+        }
+        let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+        // What the post-processor adds around a prompt (e.g. LLaMA's BOS).
+        let mut ids = self.inner.encode("", true).map_err(err)?.get_ids().to_vec();
+        let mut run = String::new();
+        let flush = |run: &mut String, ids: &mut Vec<u32>| -> Result<()> {
+            if !run.is_empty() {
+                ids.extend_from_slice(self.literal.encode(run.as_str(), false).map_err(err)?.get_ids());
+                run.clear();
+            }
+            Ok(())
+        };
+        for s in segments {
+            match s {
+                Segment::Text(t) => run.push_str(t),
+                Segment::Media => {
+                    flush(&mut run, &mut ids)?;
+                    ids.push(self.media_token_id);
+                }
+                Segment::EndOfChunk => {
+                    flush(&mut run, &mut ids)?;
+                    ids.push(self.eoc_token_id);
+                }
+            }
+        }
+        flush(&mut run, &mut ids)?;
+        Ok(ids)
     }
 
     /// Decodes generated ids to text, skipping special tokens.
