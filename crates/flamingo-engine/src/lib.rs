@@ -27,7 +27,7 @@ mod scheduler;
 pub use backend::Backend;
 pub use cache::LruBytes;
 pub use engine::{Engine, EngineConfig, EventStream};
-pub use request::{media_key, Event, MediaKey, PreparedMedia, SamplingParams, StopParams, TokenEvent, Usage, ValidRequest};
+pub use request::{media_key, Event, MediaKey, MAX_BEAMS, PreparedMedia, SamplingParams, StopParams, TokenEvent, Usage, ValidRequest};
 pub use scheduler::{Scheduler, StepReport};
 
 /// Errors a caller of the engine sees.

@@ -22,7 +22,7 @@ use crate::request::{Event, MediaKey, TokenEvent, Usage, ValidRequest};
 use crate::EngineError;
 
 /// Limits of the scheduler.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchedulerConfig {
     /// Sequences prefilled or decoded at once.
     pub max_running: usize,
@@ -495,7 +495,10 @@ impl<B: Backend> Scheduler<B> {
                 ev.top_logprobs = top;
             }
             match s.last_token {
-                None => metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record((now - s.submitted).as_secs_f64()),
+                None => {
+                    metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record((now - s.submitted).as_secs_f64());
+                    let _ = s.tx.send(Event::Prefilled { cached_tokens: s.cached_tokens });
+                }
                 Some(t) => metrics::histogram!(m::INTER_TOKEN_LATENCY).record((now - t).as_secs_f64()),
             }
             s.last_token = Some(now);
@@ -593,6 +596,7 @@ fn beam_step<B: Backend>(backend: &B, s: &mut Sequence<B::State>, rows: Vec<Vec<
         } else {
             FinishReason::Length
         };
+        let _ = s.tx.send(Event::Prefilled { cached_tokens: s.cached_tokens });
         for &id in &best.tokens {
             let _ = s.tx.send(Event::Token(TokenEvent { id, logprob: None, top_logprobs: Vec::new() }));
         }

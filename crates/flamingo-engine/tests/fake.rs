@@ -144,6 +144,7 @@ fn drain(s: &mut Scheduler<Fake>, rx: &mut [UnboundedReceiver<Event>]) -> Vec<(V
             while let Ok(e) = r.try_recv() {
                 match e {
                     Event::Token(t) => toks.push(t.id),
+                    Event::Prefilled { .. } => {}
                     other => fin = Some(other),
                 }
             }

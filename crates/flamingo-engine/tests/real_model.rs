@@ -54,6 +54,7 @@ fn collect(mut rx: flamingo_engine::EventStream) -> (Vec<u32>, Event) {
     loop {
         match rx.blocking_recv().expect("stream ended without a finish event") {
             Event::Token(t) => toks.push(t.id),
+            Event::Prefilled { .. } => {}
             e => return (toks, e),
         }
     }

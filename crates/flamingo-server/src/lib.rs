@@ -3,3 +3,10 @@
 
 pub mod fetch;
 pub mod hub;
+pub mod api;
+pub mod config;
+pub mod embedded;
+pub mod media;
+pub mod server;
+pub mod template;
+pub mod textstream;

@@ -1,7 +1,11 @@
 //! The `flamingo` command.
 //!
-//! `flamingo generate --model DIR --image PATH [--image PATH ...] --prompt TEXT [...]` runs one
-//! interleaved image/text prompt through a Flamingo-family model and prints the continuation.
+//! - `flamingo serve [...]` (also what `flamingo` with no subcommand does): the OpenAI-compatible
+//!   HTTP server.
+//! - `flamingo generate --model DIR --image PATH [--image PATH ...] --prompt TEXT [...]` runs one
+//!   interleaved image/text prompt through a Flamingo-family model and prints the continuation.
+//! - `flamingo download NAME`: fetches a released checkpoint into the HF cache.
+//! - `flamingo bench`: engine measurements on a random model.
 
 mod bench;
 
@@ -21,16 +25,61 @@ use flamingo_model::{device, loader};
 #[derive(Parser)]
 #[command(name = "flamingo", version, about = "Serve and run Flamingo-family visual language models")]
 struct Cli {
+    /// Without a subcommand: `serve` with its defaults.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API (the default).
+    Serve(ServeArgs),
+    /// Download a released checkpoint (a name from config/models/) into the HF cache and print
+    /// its model directory.
+    Download(DownloadArgs),
     /// Continue one interleaved image/text prompt.
     Generate(GenerateArgs),
     /// Measure the engine (batching, caches) on a random model of a real shape.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// Model directory, or a released checkpoint's name (e.g.
+    /// openflamingo/OpenFlamingo-3B-vitl-mpt1b, downloaded to the HF cache). Default: the tiny
+    /// reference model embedded in the binary.
+    #[arg(long)]
+    model: Option<String>,
+    /// Address to listen on (default 127.0.0.1).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port (default 8000; 0 picks a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Configuration file (TOML; keys as in config/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Accepted API key (repeatable); clients send `Authorization: Bearer <key>`.
+    #[arg(long = "api-key")]
+    api_keys: Vec<String>,
+    /// The model id clients use.
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// f32, f16 or bf16.
+    #[arg(long)]
+    dtype: Option<String>,
+}
+
+#[derive(Args)]
+struct DownloadArgs {
+    /// A name from config/models/, e.g. openflamingo/OpenFlamingo-3B-vitl-mpt1b.
+    name: String,
 }
 
 #[derive(Args)]
@@ -150,12 +199,57 @@ fn candle_core_stack(pixels: &[flamingo_model::candle::Tensor]) -> Result<flamin
     Ok(flamingo_model::candle::Tensor::stack(pixels, 0)?.unsqueeze(1)?)
 }
 
+fn init_logs(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().flatten_event(true).with_current_span(true).with_span_list(false).init();
+    } else {
+        b.init();
+    }
+}
+
+fn run_serve(a: ServeArgs) -> Result<()> {
+    use flamingo_server::config::{Config, Overrides};
+    let flags = Overrides {
+        host: a.host,
+        port: a.port,
+        model: a.model,
+        api_keys: a.api_keys,
+        served_model_name: a.served_model_name,
+        log_format: a.log_format,
+        device: a.device,
+        dtype: a.dtype,
+    };
+    let cfg = Config::load(a.config.as_deref(), &|k| std::env::var(k).ok(), &flags)?;
+    init_logs(&cfg.server.log_format, "info");
+    let source = flamingo_server::server::ModelSource::from_config(&cfg.model.path);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let handle = flamingo_server::server::serve(cfg, source, true).await?;
+        handle.wait().await
+    })
+}
+
+fn run_download(a: DownloadArgs) -> Result<()> {
+    let mut opts = flamingo_server::hub::HubOptions::from_env();
+    opts.progress = true;
+    let dir = flamingo_server::hub::resolve(&a.name, &opts)?;
+    println!("{}", dir.display());
+    Ok(())
+}
+
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
+    if !matches!(cli.command, None | Some(Command::Serve(_))) {
+        init_logs("text", "warn");
+    }
     let res = match cli.command {
-        Command::Generate(a) => run_generate(a),
-        Command::Bench(a) => bench::run(a),
+        None => run_serve(ServeArgs::default()),
+        Some(Command::Serve(a)) => run_serve(a),
+        Some(Command::Download(a)) => run_download(a),
+        Some(Command::Generate(a)) => run_generate(a),
+        Some(Command::Bench(a)) => bench::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

@@ -1,0 +1,138 @@
+//! Request media -> preprocessed pixels: fetched through [`Fetcher`] on the async side, decoded
+//! and preprocessed on the blocking pool, content-hashed for the engine's vision cache.
+
+use std::sync::Arc;
+
+use flamingo_engine::{media_key, PreparedMedia};
+use flamingo_model::candle::{Device, Tensor};
+use flamingo_model::preprocess::{self, ImageLimits, PilImage, PilMode};
+use image::AnimationDecoder;
+
+use crate::api::ApiError;
+use crate::fetch::Fetcher;
+use crate::template::MediaRef;
+
+/// What the server knows about the model's image input.
+#[derive(Debug, Clone)]
+pub struct MediaSpec {
+    pub image_size: usize,
+    /// Frames a video may have (`None`: the Perceiver has no frame embeddings, no video).
+    pub max_frames: Option<usize>,
+    pub device: Device,
+    pub limits: ImageLimits,
+    pub max_video_frames: usize,
+}
+
+impl MediaSpec {
+    /// Preprocessing settings that, with the bytes, determine the pixels (part of the cache key).
+    fn preprocessing(&self) -> String {
+        format!("openclip-bicubic-center-crop-{}", self.image_size)
+    }
+}
+
+/// One media item of a request and where it came from (`param` names it in errors).
+pub struct MediaItem {
+    pub source: MediaRef,
+    pub param: String,
+}
+
+/// Fetches and preprocesses every item, in order.
+pub async fn prepare(fetcher: &Fetcher, spec: &Arc<MediaSpec>, items: Vec<MediaItem>) -> Result<Vec<PreparedMedia>, ApiError> {
+    for it in &items {
+        if let MediaRef::Video(frames) = &it.source {
+            let Some(max) = spec.max_frames else {
+                return Err(ApiError::bad_request(
+                    "this model cannot take video: its Perceiver has no frame embeddings; send the frames as separate images",
+                )
+                .param(it.param.clone()));
+            };
+            if frames.len() > max.min(spec.max_video_frames) {
+                return Err(ApiError::bad_request(format!("a video may have at most {} frames", max.min(spec.max_video_frames)))
+                    .param(it.param.clone()));
+            }
+        }
+    }
+    let fetches = items.iter().map(|it| async move {
+        let urls: Vec<&str> = match &it.source {
+            MediaRef::Image(u) => vec![u.as_str()],
+            MediaRef::Video(v) => v.iter().map(String::as_str).collect(),
+        };
+        let mut out = Vec::with_capacity(urls.len());
+        for (k, u) in urls.iter().enumerate() {
+            let bytes = fetcher.fetch(u).await.map_err(|e| {
+                let what = if urls.len() > 1 { format!("frame {k} of {}", it.param) } else { it.param.clone() };
+                ApiError::bad_request(format!("cannot read the media at {what}: {e}")).param(it.param.clone())
+            })?;
+            out.push(bytes);
+        }
+        Ok::<_, ApiError>(out)
+    });
+    let fetched = futures::future::try_join_all(fetches).await?;
+    let spec = spec.clone();
+    let kinds: Vec<(bool, String)> = items.iter().map(|it| (matches!(it.source, MediaRef::Video(_)), it.param.clone())).collect();
+    tokio::task::spawn_blocking(move || {
+        fetched.into_iter().zip(kinds).map(|(bytes, (video, param))| prepare_one(&spec, bytes, video, &param)).collect()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("media worker failed: {e}")))?
+}
+
+fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, video: bool, param: &str) -> Result<PreparedMedia, ApiError> {
+    let bad = |e: String| ApiError::bad_request(format!("the media at {param} cannot be used: {e}")).param(param.to_string());
+    let prep = spec.preprocessing();
+    let frames: Vec<Tensor> = if video && bytes.len() == 1 {
+        // One URL: an animated image whose frames are the video's frames.
+        let max = spec.max_frames.unwrap_or(1).min(spec.max_video_frames);
+        let imgs = gif_frames(&bytes[0], &spec.limits, max).map_err(bad)?;
+        if imgs.len() > max {
+            return Err(bad(format!("the animation has {} frames; at most {max} are allowed", imgs.len())));
+        }
+        imgs.iter()
+            .map(|img| Tensor::from_vec(preprocess::clip_pixels(img, spec.image_size), (3, spec.image_size, spec.image_size), &spec.device))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ApiError::internal(e.to_string()))?
+    } else {
+        bytes
+            .iter()
+            .map(|b| preprocess::preprocess(b, spec.image_size, &spec.limits, &spec.device).map_err(|e| bad(e.to_string())))
+            .collect::<Result<_, _>>()?
+    };
+    let pixels = Tensor::stack(&frames, 0).map_err(|e| ApiError::internal(e.to_string()))?;
+    // The key covers every frame's bytes (and the frame boundaries).
+    let key = if bytes.len() == 1 && !video {
+        media_key(&bytes[0], &prep)
+    } else {
+        let mut all = Vec::new();
+        for b in &bytes {
+            all.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            all.extend_from_slice(b);
+        }
+        media_key(&all, &format!("{prep}-video"))
+    };
+    Ok(PreparedMedia { key, pixels })
+}
+
+/// Decodes every frame of an animated GIF (composited, as displayed) as RGB.
+/// Decodes at most `max + 1` frames (enough to tell that there are too many).
+fn gif_frames(bytes: &[u8], limits: &ImageLimits, max: usize) -> Result<Vec<PilImage>, String> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
+    if reader.format() != Some(image::ImageFormat::Gif) {
+        return Err("a video given as one URL must be an animated GIF (or give a list of frame URLs)".into());
+    }
+    let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
+    if w > limits.max_side || h > limits.max_side || (w as u64) * (h as u64) > limits.max_pixels {
+        return Err(format!("the animation is {w}x{h}, larger than the limits allow"));
+    }
+    let dec = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes)).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for f in dec.into_frames().take(max + 1) {
+        let f = f.map_err(|e| e.to_string())?;
+        let rgba = f.into_buffer();
+        let data: Vec<u8> = rgba.pixels().flat_map(|p| [p.0[0], p.0[1], p.0[2]]).collect();
+        out.push(PilImage { mode: PilMode::Rgb, width: rgba.width() as usize, height: rgba.height() as usize, data });
+    }
+    if out.is_empty() {
+        return Err("the animation has no frames".into());
+    }
+    Ok(out)
+}
