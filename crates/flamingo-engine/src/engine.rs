@@ -23,8 +23,20 @@ enum Command {
     Shutdown,
 }
 
+/// Counters of one engine (the `metrics` facade is process-wide; these are this engine's own).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences running after the last step.
+    pub running: AtomicUsize,
+    /// Sequences cancelled (their stream dropped) so far.
+    pub cancelled: AtomicUsize,
+    /// Sequences finished (stop or length) so far.
+    pub finished: AtomicUsize,
+}
+
 pub struct Engine {
     tx: mpsc::Sender<Command>,
+    stats: Arc<EngineStats>,
     /// Submitted but not yet admitted (or dropped): the bound of the waiting queue.
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
@@ -39,11 +51,13 @@ impl Engine {
         let waiting = Arc::new(AtomicUsize::new(0));
         let max_waiting = cfg.max_waiting;
         let counter = waiting.clone();
+        let stats = Arc::new(EngineStats::default());
+        let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("flamingo-engine".into())
-            .spawn(move || run(Scheduler::new(backend, cfg), rx, counter, media_token))
+            .spawn(move || run(Scheduler::new(backend, cfg), rx, counter, st, media_token))
             .expect("spawning the engine thread");
-        Self { tx, waiting, max_waiting, thread: Some(thread) }
+        Self { tx, stats, waiting, max_waiting, thread: Some(thread) }
     }
 
     /// Queues a request; its events arrive on the returned stream. Fails at once with
@@ -63,6 +77,11 @@ impl Engine {
         Ok(erx)
     }
 
+    /// This engine's counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
     /// Requests submitted and not yet admitted.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
@@ -78,7 +97,13 @@ impl Drop for Engine {
     }
 }
 
-fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting: Arc<AtomicUsize>, media_token: Option<u32>) {
+fn run<B: Backend>(
+    mut sched: Scheduler<B>,
+    rx: mpsc::Receiver<Command>,
+    waiting: Arc<AtomicUsize>,
+    stats: Arc<EngineStats>,
+    media_token: Option<u32>,
+) {
     let mut shutting_down = false;
     loop {
         // Block only when idle; otherwise take what has arrived and keep stepping.
@@ -98,6 +123,9 @@ fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting
         if report.left_waiting > 0 {
             waiting.fetch_sub(report.left_waiting, Ordering::SeqCst);
         }
+        stats.running.store(sched.running_len(), Ordering::SeqCst);
+        stats.cancelled.fetch_add(report.cancelled, Ordering::SeqCst);
+        stats.finished.fetch_add(report.finished, Ordering::SeqCst);
     }
 }
 

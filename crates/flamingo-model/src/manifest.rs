@@ -58,15 +58,20 @@ pub struct Manifest {
 impl Manifest {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
-        let m: Manifest = toml::from_str(&text).map_err(|e| Error::file(path, e))?;
+        Self::from_toml_str(&text, path)
+    }
+
+    /// Parses and validates a manifest from TOML text; `origin` names it in errors.
+    pub fn from_toml_str(text: &str, origin: &Path) -> Result<Self> {
+        let m: Manifest = toml::from_str(text).map_err(|e| Error::file(origin, e))?;
         if LmFamily::from_model_type(&m.lm_family).is_none() {
-            return Err(Error::file(path, format!("unknown lm_family `{}`", m.lm_family)));
+            return Err(Error::file(origin, format!("unknown lm_family `{}`", m.lm_family)));
         }
         if m.cross_attn_every_n_layers == 0 {
-            return Err(Error::file(path, "cross_attn_every_n_layers must be >= 1"));
+            return Err(Error::file(origin, "cross_attn_every_n_layers must be >= 1"));
         }
         // The overrides must be a valid flamingo.toml.
-        let _: Overrides = toml::from_str(&m.flamingo_toml()).map_err(|e| Error::file(path, format!("overrides: {e}")))?;
+        let _: Overrides = toml::from_str(&m.flamingo_toml()).map_err(|e| Error::file(origin, format!("overrides: {e}")))?;
         Ok(m)
     }
 

@@ -198,6 +198,11 @@ impl AppState {
         Ok(())
     }
 
+    /// The engine's counters, once the model is loaded.
+    pub fn engine_stats(&self) -> Option<&flamingo_engine::EngineStats> {
+        self.runtime.get().map(|r| r.engine.stats())
+    }
+
     fn runtime(&self) -> Result<&Runtime, ApiError> {
         let retry = self.cfg.server.retry_after_seconds;
         if self.shutting_down.load(Ordering::SeqCst) {
