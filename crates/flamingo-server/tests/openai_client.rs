@@ -1,0 +1,55 @@
+//! The official `openai` Python client (tests/openai_client/check.py) against a server on a real
+//! port. The interpreter is `$FLAMINGO_PYTHON` (`.ci/run` makes a virtualenv with
+//! tests/openai_client/requirements.txt), else `python3` if it can import `openai`. Without one,
+//! the test fails under CI (`CI` set) and is reported as skipped elsewhere.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use flamingo_server::config::Config;
+use flamingo_server::server::{serve, ModelSource};
+
+fn python() -> Option<String> {
+    let candidates: Vec<String> = std::env::var("FLAMINGO_PYTHON").ok().into_iter().chain(["python3".to_string()]).collect();
+    candidates.into_iter().find(|p| Command::new(p).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client() {
+    let Some(py) = python() else {
+        let msg = "no Python with the `openai` package: set FLAMINGO_PYTHON (see tests/openai_client/requirements.txt)";
+        if std::env::var_os("CI").is_some() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED official_openai_python_client: {msg}");
+        return;
+    };
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut cfg = Config::defaults();
+    cfg.server.port = 0;
+    cfg.server.api_keys = vec!["sk-flamingo-test".into()];
+    let handle = serve(cfg, ModelSource::Embedded, false).await.unwrap();
+    let base = format!("http://{}", handle.addr);
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        if http.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let script = repo.join("tests/openai_client/check.py");
+    let image = repo.join("tests/fixtures/images/small.png");
+    let out = tokio::process::Command::new(&py)
+        .arg(&script)
+        .args([&base, "sk-flamingo-test", "flamingo-tiny-reference"])
+        .arg(&image)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "check.py failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    handle.shutdown().await.unwrap();
+}
