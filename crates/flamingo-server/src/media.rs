@@ -39,14 +39,15 @@ pub struct MediaItem {
 /// Fetches and preprocesses every item, in order.
 pub async fn prepare(fetcher: &Fetcher, spec: &Arc<MediaSpec>, items: Vec<MediaItem>) -> Result<Vec<PreparedMedia>, ApiError> {
     for it in &items {
-        if let MediaRef::Video(frames) = &it.source {
+        if matches!(it.source, MediaRef::Video(_) | MediaRef::Animation(_)) {
             let Some(max) = spec.max_frames else {
                 return Err(ApiError::bad_request(
                     "this model cannot take video: its Perceiver has no frame embeddings; send the frames as separate images",
                 )
                 .param(it.param.clone()));
             };
-            if frames.len() > max.min(spec.max_video_frames) {
+            let n = if let MediaRef::Video(frames) = &it.source { frames.len() } else { 1 };
+            if n > max.min(spec.max_video_frames) {
                 return Err(ApiError::bad_request(format!("a video may have at most {} frames", max.min(spec.max_video_frames)))
                     .param(it.param.clone()));
             }
@@ -54,7 +55,7 @@ pub async fn prepare(fetcher: &Fetcher, spec: &Arc<MediaSpec>, items: Vec<MediaI
     }
     let fetches = items.iter().map(|it| async move {
         let urls: Vec<&str> = match &it.source {
-            MediaRef::Image(u) => vec![u.as_str()],
+            MediaRef::Image(u) | MediaRef::Animation(u) => vec![u.as_str()],
             MediaRef::Video(v) => v.iter().map(String::as_str).collect(),
         };
         let mut out = Vec::with_capacity(urls.len());
@@ -69,18 +70,35 @@ pub async fn prepare(fetcher: &Fetcher, spec: &Arc<MediaSpec>, items: Vec<MediaI
     });
     let fetched = futures::future::try_join_all(fetches).await?;
     let spec = spec.clone();
-    let kinds: Vec<(bool, String)> = items.iter().map(|it| (matches!(it.source, MediaRef::Video(_)), it.param.clone())).collect();
+    let kinds: Vec<(Kind, String)> = items
+        .iter()
+        .map(|it| {
+            let k = match it.source {
+                MediaRef::Image(_) => Kind::Image,
+                MediaRef::Animation(_) => Kind::Animation,
+                MediaRef::Video(_) => Kind::Frames,
+            };
+            (k, it.param.clone())
+        })
+        .collect();
     tokio::task::spawn_blocking(move || {
-        fetched.into_iter().zip(kinds).map(|(bytes, (video, param))| prepare_one(&spec, bytes, video, &param)).collect()
+        fetched.into_iter().zip(kinds).map(|(bytes, (kind, param))| prepare_one(&spec, bytes, kind, &param)).collect()
     })
     .await
     .map_err(|e| ApiError::internal(format!("media worker failed: {e}")))?
 }
 
-fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, video: bool, param: &str) -> Result<PreparedMedia, ApiError> {
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Image,
+    Animation,
+    Frames,
+}
+
+fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, kind: Kind, param: &str) -> Result<PreparedMedia, ApiError> {
     let bad = |e: String| ApiError::bad_request(format!("the media at {param} cannot be used: {e}")).param(param.to_string());
     let prep = spec.preprocessing();
-    let frames: Vec<Tensor> = if video && bytes.len() == 1 {
+    let frames: Vec<Tensor> = if kind == Kind::Animation {
         // One URL: an animated image whose frames are the video's frames.
         let max = spec.max_frames.unwrap_or(1).min(spec.max_video_frames);
         let imgs = gif_frames(&bytes[0], &spec.limits, max).map_err(bad)?;
@@ -99,7 +117,7 @@ fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, video: bool, param: &str) 
     };
     let pixels = Tensor::stack(&frames, 0).map_err(|e| ApiError::internal(e.to_string()))?;
     // The key covers every frame's bytes (and the frame boundaries).
-    let key = if bytes.len() == 1 && !video {
+    let key = if kind == Kind::Image {
         media_key(&bytes[0], &prep)
     } else {
         let mut all = Vec::new();
@@ -107,7 +125,8 @@ fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, video: bool, param: &str) 
             all.extend_from_slice(&(b.len() as u64).to_le_bytes());
             all.extend_from_slice(b);
         }
-        media_key(&all, &format!("{prep}-video"))
+        let tag = if kind == Kind::Animation { "animation" } else { "frames" };
+        media_key(&all, &format!("{prep}-{tag}"))
     };
     Ok(PreparedMedia { key, pixels })
 }

@@ -22,7 +22,9 @@ use crate::api::{ApiError, ChatMessage, MessageContent};
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaRef {
     Image(String),
-    /// Frames of one video: one URL of an animated GIF, or one URL per frame.
+    /// A video given as one animated GIF, whose frames are the video's frames.
+    Animation(String),
+    /// A video given as one URL per frame, in order.
     Video(Vec<String>),
 }
 
@@ -66,7 +68,7 @@ fn url_of(v: &Value, field: &str, param: &str) -> Result<String, ApiError> {
     }
 }
 
-fn video_of(v: &Value, param: &str) -> Result<Vec<String>, ApiError> {
+fn video_of(v: &Value, param: &str) -> Result<MediaRef, ApiError> {
     let bad = || ApiError::bad_request("`video_url.url` must be a URL (an animated GIF) or a list of frame URLs").param(format!("{param}.video_url.url"));
     let inner = match v.get("video_url") {
         Some(Value::Object(o)) => o.get("url").cloned().ok_or_else(bad)?,
@@ -74,8 +76,10 @@ fn video_of(v: &Value, param: &str) -> Result<Vec<String>, ApiError> {
         None => return Err(bad()),
     };
     match inner {
-        Value::String(u) => Ok(vec![u]),
-        Value::Array(a) if !a.is_empty() => a.into_iter().map(|x| x.as_str().map(String::from).ok_or_else(bad)).collect(),
+        Value::String(u) => Ok(MediaRef::Animation(u)),
+        Value::Array(a) if !a.is_empty() => {
+            Ok(MediaRef::Video(a.into_iter().map(|x| x.as_str().map(String::from).ok_or_else(bad)).collect::<Result<_, _>>()?))
+        }
         _ => Err(bad()),
     }
 }
@@ -106,7 +110,7 @@ pub fn openflamingo(messages: &[ChatMessage]) -> Result<ChatPrompt, ApiError> {
                                 pieces.push(Piece::Media);
                             }
                             Some("video_url") => {
-                                media.push(MediaRef::Video(video_of(p, &pp)?));
+                                media.push(video_of(p, &pp)?);
                                 pieces.push(Piece::Media);
                             }
                             Some(other) => {
@@ -205,6 +209,6 @@ mod tests {
             {"type": "video_url", "video_url": {"url": ["data:1", "data:2"]}},
             {"type": "video_url", "video_url": {"url": "data:gif"}}]}]));
         let p = openflamingo(&m).unwrap();
-        assert_eq!(p.media, vec![MediaRef::Video(vec!["data:1".into(), "data:2".into()]), MediaRef::Video(vec!["data:gif".into()])]);
+        assert_eq!(p.media, vec![MediaRef::Video(vec!["data:1".into(), "data:2".into()]), MediaRef::Animation("data:gif".into())]);
     }
 }

@@ -441,3 +441,80 @@ async fn image_urls_are_fetched_ssrf_safely() {
     assert_eq!(s.post("/v1/chat/completions", &b2).await.0, 400);
     s.stop().await;
 }
+
+/// A copy of the tiny model whose Perceiver has frame embeddings (video support): the fixture's
+/// checkpoint plus `perceiver.frame_embs`, saved as `checkpoint.safetensors`.
+fn video_model_dir(frames: usize) -> PathBuf {
+    use flamingo_model::candle::{DType, Device, Tensor};
+    let src = repo().join("tests/fixtures/models/mosaicgpt_x1");
+    let dir = std::env::temp_dir().join(format!("flamingo-video-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for sub in ["clip", "lm"] {
+        std::os::unix::fs::symlink(src.join(sub).canonicalize().unwrap(), dir.join(sub)).unwrap();
+    }
+    let mut tensors: std::collections::HashMap<String, Tensor> =
+        flamingo_model::candle::pickle::read_all(src.join("checkpoint.pt")).unwrap().into_iter().collect();
+    let dim = tensors["perceiver.latents"].dim(1).unwrap();
+    let embs = Tensor::randn(0f32, 0.5, (frames, dim), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    tensors.insert("perceiver.frame_embs".into(), embs);
+    flamingo_model::candle::safetensors::save(&tensors, dir.join("checkpoint.safetensors")).unwrap();
+    dir
+}
+
+fn solid_frames() -> Vec<image::RgbaImage> {
+    [[200u8, 30, 30, 255], [30, 30, 200, 255]].iter().map(|c| image::RgbaImage::from_pixel(40, 30, image::Rgba(*c))).collect()
+}
+
+fn png_data_url(img: &image::RgbaImage) -> String {
+    let rgb = image::DynamicImage::ImageRgba8(img.clone()).to_rgb8();
+    let mut out = std::io::Cursor::new(Vec::new());
+    rgb.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(out.into_inner()))
+}
+
+fn gif_data_url(frames: &[image::RgbaImage]) -> String {
+    let mut out = Vec::new();
+    {
+        let mut enc = image::codecs::gif::GifEncoder::new(&mut out);
+        for f in frames {
+            enc.encode_frame(image::Frame::new(f.clone())).unwrap();
+        }
+    }
+    format!("data:image/gif;base64,{}", base64::engine::general_purpose::STANDARD.encode(out))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn video_for_models_with_frame_embeddings() {
+    let dir = video_model_dir(4);
+    let handle = serve(cfg(), ModelSource::Dir(dir.clone()), false).await.unwrap();
+    let s = Server { base: format!("http://{}", handle.addr), handle: Some(handle), http: reqwest::Client::new() };
+    for _ in 0..400 {
+        if s.http.get(format!("{}/health", s.base)).send().await.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let frames = solid_frames();
+    let video = |url: Value| {
+        json!({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "Output:"}]}],
+               "max_tokens": 6, "return_token_ids": true})
+    };
+    let (code, listed) = s.post("/v1/chat/completions", &video(json!([png_data_url(&frames[0]), png_data_url(&frames[1])]))).await;
+    assert_eq!(code, 200, "{listed}");
+    let (code, gif) = s.post("/v1/chat/completions", &video(json!(gif_data_url(&frames)))).await;
+    assert_eq!(code, 200, "{gif}");
+    assert_eq!(gif["choices"][0]["token_ids"], listed["choices"][0]["token_ids"], "a GIF's frames = the same frames listed");
+    // One frame given as a list is a one-frame video (not an animation).
+    let (_, one) = s.post("/v1/chat/completions", &video(json!([png_data_url(&frames[0])]))).await;
+    assert_eq!(one["choices"][0]["token_ids"].as_array().map(|a| !a.is_empty()), Some(true));
+    let too_many: Vec<String> = (0..5).map(|k| png_data_url(&frames[k % 2])).collect();
+    let (code, r) = s.post("/v1/chat/completions", &video(json!(too_many))).await;
+    assert_eq!(code, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("at most 4 frames"));
+    let (code, r) = s.post("/v1/chat/completions", &video(json!(png_data_url(&frames[0])))).await;
+    assert_eq!(code, 400, "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("animated GIF"));
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
