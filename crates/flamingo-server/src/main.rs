@@ -201,7 +201,8 @@ fn candle_core_stack(pixels: &[flamingo_model::candle::Tensor]) -> Result<flamin
 
 fn init_logs(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
         b.json().flatten_event(true).with_current_span(true).with_span_list(false).init();
     } else {
@@ -232,8 +233,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
 }
 
 fn run_download(a: DownloadArgs) -> Result<()> {
-    let mut opts = flamingo_server::hub::HubOptions::from_env();
-    opts.progress = true;
+    let opts = flamingo_server::hub::HubOptions::from_env();
     let dir = flamingo_server::hub::resolve(&a.name, &opts)?;
     println!("{}", dir.display());
     Ok(())

@@ -673,6 +673,20 @@ fn token_text(tok: &FlamingoTokenizer, id: u32) -> String {
     tok.inner().decode(&[id], false).unwrap_or_default()
 }
 
+/// A token as logprobs show it: its text, or `bytes:\xNN...` when it is not whole UTF-8 (part
+/// of a character), as OpenAI writes such tokens.
+fn token_label(tok: &FlamingoTokenizer, id: u32) -> String {
+    let text = token_text(tok, id);
+    if !text.contains('\u{FFFD}') {
+        return text;
+    }
+    let bytes = token_bytes(tok, id);
+    match String::from_utf8(bytes.clone()) {
+        Ok(t) => t,
+        Err(_) => "bytes:".to_string() + &bytes.iter().map(|b| format!("\\x{b:02x}")).collect::<String>(),
+    }
+}
+
 /// The inverse of GPT-2's byte-level alphabet (printable bytes map to themselves, the other 68
 /// bytes to U+0100.. in order).
 fn byte_level_inverse(c: char) -> Option<u8> {
@@ -704,7 +718,7 @@ fn chat_logprobs(tok: &FlamingoTokenizer, entries: &[LogprobEntry]) -> Vec<Token
     entries
         .iter()
         .map(|e| {
-            let token = token_text(tok, e.id);
+            let token = token_label(tok, e.id);
             TokenLogprob {
                 bytes: token_bytes(tok, e.id),
                 token,
@@ -713,7 +727,7 @@ fn chat_logprobs(tok: &FlamingoTokenizer, entries: &[LogprobEntry]) -> Vec<Token
                     .top
                     .iter()
                     .map(|&(id, lp)| {
-                        let token = token_text(tok, id);
+                        let token = token_label(tok, id);
                         TopLogprob { bytes: token_bytes(tok, id), token, logprob: lp }
                     })
                     .collect(),
@@ -730,12 +744,11 @@ fn completion_logprobs(tok: &FlamingoTokenizer, entries: &[LogprobEntry], offset
     let mut offsets = Vec::new();
     let mut at = offset;
     for e in entries {
-        let t = token_text(tok, e.id);
         offsets.push(at);
-        at += t.len();
-        tokens.push(t);
+        at += token_bytes(tok, e.id).len();
+        tokens.push(token_label(tok, e.id));
         lps.push(e.logprob);
-        let top: serde_json::Map<String, Value> = e.top.iter().map(|&(id, lp)| (token_text(tok, id), json!(lp))).collect();
+        let top: serde_json::Map<String, Value> = e.top.iter().map(|&(id, lp)| (token_label(tok, id), json!(lp))).collect();
         tops.push(Value::Object(top));
     }
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
@@ -970,7 +983,6 @@ mod run {
         tokio::task::spawn_blocking(move || {
             if let Err(e) = loader_state.load(&source) {
                 tracing::error!("{e:#}");
-                eprintln!("error: {e:#}");
                 failed.notify_one();
             }
         });
