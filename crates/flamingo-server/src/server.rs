@@ -233,8 +233,13 @@ pub fn router(st: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(observe))
         .with_state(st)
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::method_not_allowed(format!("{} is not allowed on {}", req.method(), req.uri().path()))
 }
 
 async fn not_found(req: Request) -> ApiError {
