@@ -34,6 +34,11 @@ pub trait Backend: Send + 'static {
     fn kv_bytes_per_token(&self) -> usize;
     fn snapshot(&self, state: &Self::State, start: usize, len: usize, media: usize) -> Result<Self::Block, String>;
     fn block_bytes(&self, block: &Self::Block) -> usize;
+    /// The first `rows` positions of a block holding `media` `<image>` tokens (partial prefix
+    /// hits). Backends that cannot cut blocks only get whole-block hits.
+    fn block_head(&self, _block: &Self::Block, _rows: usize, _media: usize) -> Option<Self::Block> {
+        None
+    }
     /// Restores cached prefix blocks into a fresh state whose media are attached.
     fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block]) -> Result<(), String>;
 }
@@ -96,6 +101,10 @@ impl Backend for Flamingo {
         block.bytes()
     }
 
+    fn block_head(&self, block: &KvBlock, rows: usize, media: usize) -> Option<KvBlock> {
+        block.head(rows, media).ok()
+    }
+
     fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock]) -> Result<(), String> {
         self.restore_prefix(state, blocks).map_err(|e| e.to_string())
     }
@@ -142,6 +151,9 @@ impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
     }
     fn block_bytes(&self, block: &Self::Block) -> usize {
         (**self).block_bytes(block)
+    }
+    fn block_head(&self, block: &Self::Block, rows: usize, media: usize) -> Option<Self::Block> {
+        (**self).block_head(block, rows, media)
     }
     fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block]) -> Result<(), String> {
         (**self).restore(state, blocks)

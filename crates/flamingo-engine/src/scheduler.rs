@@ -7,7 +7,7 @@
 //! every generating sequence plus prefill chunks of the others, first come first served, under
 //! the batched-token budget; then sampling and events per sequence.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,41 +119,80 @@ pub struct Scheduler<B: Backend> {
     running: Vec<Sequence<B::State>>,
     vision: LruBytes<(MediaKey, usize), B::Media>,
     prefix: LruBytes<BlockHash, B::Block>,
+    /// Cached blocks by parent hash (zero for a prompt's first block), for partial hits: a
+    /// prompt that diverges inside a block reuses the rows before the divergence.
+    children: HashMap<BlockHash, Vec<Child>>,
     reserved: usize,
     next_id: u64,
 }
 
-/// Hash chain over full prompt blocks: each block's hash covers the previous hash, its token
+/// Hash of one block (full, or a prompt's partial tail): the previous block's hash, its token
 /// ids, and the keys of the images its `<image>` tokens introduce. With the masking rule this
 /// determines the block's K/V exactly.
-fn block_hashes(prompt: &[u32], media: &[MediaKey], media_token: Option<u32>, block: usize) -> Vec<BlockHash> {
+fn hash_block(prev: &BlockHash, tokens: &[u32], keys: &[MediaKey]) -> BlockHash {
     use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update((tokens.len() as u64).to_le_bytes());
+    for &t in tokens {
+        h.update(t.to_le_bytes());
+    }
+    for k in keys {
+        h.update(k);
+    }
+    h.finalize().into()
+}
+
+/// The media keys introduced by each `block`-sized chunk of the prompt (the last one partial).
+fn block_media<'a>(prompt: &[u32], media: &'a [MediaKey], media_token: Option<u32>, block: usize) -> Vec<&'a [MediaKey]> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    for chunk in prompt.chunks(block) {
+        let n = media_token.map_or(0, |mt| chunk.iter().filter(|&&t| t == mt).count());
+        let end = (k + n).min(media.len());
+        out.push(&media[k.min(end)..end]);
+        k += n;
+    }
+    out
+}
+
+/// Hash chain over the full prompt blocks.
+fn block_hashes(prompt: &[u32], media: &[MediaKey], media_token: Option<u32>, block: usize) -> Vec<BlockHash> {
+    let keys = block_media(prompt, media, media_token, block);
     let mut out = Vec::with_capacity(prompt.len() / block);
     let mut prev = [0u8; 32];
-    let mut k = 0;
-    for chunk in prompt.chunks_exact(block) {
-        let mut h = Sha256::new();
-        h.update(prev);
-        for &t in chunk {
-            h.update(t.to_le_bytes());
-            if Some(t) == media_token {
-                if let Some(key) = media.get(k) {
-                    h.update(key);
-                }
-                k += 1;
-            }
-        }
-        prev = h.finalize().into();
+    for (chunk, keys) in prompt.chunks_exact(block).zip(keys) {
+        prev = hash_block(&prev, chunk, keys);
         out.push(prev);
     }
     out
 }
 
+/// A cached block as seen from its parent: enough to match a prompt against a prefix of it.
+struct Child {
+    hash: BlockHash,
+    tokens: Vec<u32>,
+    keys: Vec<MediaKey>,
+}
+
+/// Children kept per parent block (the oldest are forgotten first).
+const MAX_CHILDREN: usize = 64;
+
 impl<B: Backend> Scheduler<B> {
     pub fn new(backend: B, cfg: SchedulerConfig) -> Self {
         let vision = LruBytes::new(cfg.vision_cache_bytes);
         let prefix = LruBytes::new(cfg.prefix_cache_bytes);
-        Self { backend, cfg, waiting: VecDeque::new(), running: Vec::new(), vision, prefix, reserved: 0, next_id: 0 }
+        Self {
+            backend,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            vision,
+            prefix,
+            children: HashMap::new(),
+            reserved: 0,
+            next_id: 0,
+        }
     }
 
     pub fn backend(&self) -> &B {
@@ -213,6 +252,38 @@ impl<B: Backend> Scheduler<B> {
         (req.prompt.len() + beams * req.stop.max_new_tokens) * self.backend.kv_bytes_per_token()
     }
 
+    /// The cached child of `parent` sharing the longest prefix with `rest` (tokens and the
+    /// images they introduce): `(hash, rows, media tokens in those rows)`. Forgets children
+    /// that were evicted.
+    fn best_child(&mut self, parent: &BlockHash, rest: &[u32], keys: &[MediaKey], media_token: Option<u32>) -> Option<(BlockHash, usize, usize)> {
+        let prefix = &self.prefix;
+        let kids = self.children.get_mut(parent)?;
+        kids.retain(|c| prefix.contains(&c.hash));
+        let mut best: Option<(BlockHash, usize, usize)> = None;
+        for c in kids.iter() {
+            let (mut rows, mut media) = (0, 0);
+            for (a, b) in c.tokens.iter().zip(rest) {
+                if a != b {
+                    break;
+                }
+                if Some(*a) == media_token {
+                    if c.keys.get(media) != keys.get(media) || keys.get(media).is_none() {
+                        break;
+                    }
+                    media += 1;
+                }
+                rows += 1;
+            }
+            if rows > best.map_or(0, |b| b.1) {
+                best = Some((c.hash, rows, media));
+            }
+        }
+        if kids.is_empty() {
+            self.children.remove(parent);
+        }
+        best
+    }
+
     /// Turns a waiting request into a running sequence: media encoded (or from the vision
     /// cache) and attached, cached prefix blocks restored.
     fn admit(&mut self, w: Waiting, reserved: usize, media_token: Option<u32>) -> Result<Sequence<B::State>, String> {
@@ -256,9 +327,29 @@ impl<B: Backend> Scheduler<B> {
                 None => break,
             }
         }
-        let brefs: Vec<&B::Block> = blocks.iter().map(|b| b.as_ref()).collect();
+        let mut cached = blocks.len() * self.cfg.block_size;
+        // Partial hit: the longest prefix of a cached child of the last matched block (a
+        // prompt that diverges mid-block, or a cached prompt's tail).
+        let mut head = None;
+        {
+            let parent = if blocks.is_empty() { [0u8; 32] } else { hashes[blocks.len() - 1] };
+            let rest = &w.req.prompt[cached..w.req.prompt.len() - 1];
+            let before = media_token.map_or(0, |mt| w.req.prompt[..cached].iter().filter(|&&t| t == mt).count());
+            let rest_keys = &keys[before.min(keys.len())..];
+            if let Some((hash, rows, media)) = self.best_child(&parent, rest, rest_keys, media_token) {
+                metrics::counter!(m::CACHE_QUERIES, "cache" => m::PREFIX_CACHE).increment(1);
+                if let Some(b) = self.prefix.get(&hash).and_then(|b| self.backend.block_head(&b, rows, media)) {
+                    metrics::counter!(m::CACHE_HITS, "cache" => m::PREFIX_CACHE).increment(1);
+                    head = Some(b);
+                    cached += rows;
+                }
+            }
+        }
+        let mut brefs: Vec<&B::Block> = blocks.iter().map(|b| b.as_ref()).collect();
+        if let Some(h) = &head {
+            brefs.push(h);
+        }
         self.backend.restore(&mut state, &brefs)?;
-        let cached = blocks.len() * self.cfg.block_size;
         let sampler = Sampler::new(&w.req.sampling.strategy, w.req.sampling.repetition_penalty);
         let beams = match &w.req.sampling.strategy {
             Strategy::Beam { num_beams, length_penalty, early_stopping } => Some(Beams {
@@ -454,19 +545,33 @@ impl<B: Backend> Scheduler<B> {
                 if s.prefilled < s.req.prompt.len() {
                     continue;
                 }
-                // Prompt complete: donate its full blocks to the prefix cache.
-                for (b, h) in s.block_hashes.iter().enumerate() {
-                    let range = &s.req.prompt[b * block..(b + 1) * block];
-                    let media = media_token.map_or(0, |mt| range.iter().filter(|&&t| t == mt).count());
-                    if !self.prefix.contains(h) {
-                        if let Ok(blk) = self.backend.snapshot(&s.state, b * block, block, media) {
+                // Prompt complete: donate its blocks (the full ones and the partial tail) to
+                // the prefix cache.
+                let keys: Vec<MediaKey> = s.req.media.iter().map(|m| m.key).collect();
+                let per_block = block_media(&s.req.prompt, &keys, media_token, block);
+                let mut parent = [0u8; 32];
+                for (b, chunk) in s.req.prompt.chunks(block).enumerate() {
+                    let h = match s.block_hashes.get(b) {
+                        Some(h) => *h,
+                        None => hash_block(&parent, chunk, per_block[b]),
+                    };
+                    let media = media_token.map_or(0, |mt| chunk.iter().filter(|&&t| t == mt).count());
+                    if !self.prefix.contains(&h) {
+                        if let Ok(blk) = self.backend.snapshot(&s.state, b * block, chunk.len(), media) {
                             let bytes = self.backend.block_bytes(&blk);
-                            let ev = self.prefix.insert(*h, Arc::new(blk), bytes);
+                            let ev = self.prefix.insert(h, Arc::new(blk), bytes);
                             metrics::counter!(m::CACHE_EVICTIONS, "cache" => m::PREFIX_CACHE).increment(ev as u64);
+                            let kids = self.children.entry(parent).or_default();
+                            kids.retain(|c| c.hash != h);
+                            if kids.len() >= MAX_CHILDREN {
+                                kids.remove(0);
+                            }
+                            kids.push(Child { hash: h, tokens: chunk.to_vec(), keys: per_block[b].to_vec() });
                         }
                     } else {
-                        self.prefix.get(h);
+                        self.prefix.get(&h);
                     }
+                    parent = h;
                 }
                 metrics::gauge!(m::CACHE_BYTES, "cache" => m::PREFIX_CACHE).set(self.prefix.bytes() as f64);
             }

@@ -146,7 +146,42 @@ fn cache_hits_give_identical_tokens() {
     };
     assert_eq!(cached(&fin_miss), 0);
     let n = r.prompt.len();
-    assert_eq!(cached(&fin_hit), (n - 1) / 8 * 8, "every full block but the last token's");
+    assert_eq!(cached(&fin_hit), n - 1, "every prompt token but the last (whose logits are needed)");
+}
+
+#[test]
+fn a_prompt_diverging_mid_block_reuses_the_shared_rows_exactly() {
+    let (l, exp) = load("mosaicgpt_x1");
+    let p3 = &exp["prompts"][1];
+    let base = ids(&p3["input_ids"]);
+    let n = base.len();
+    let images = vec!["chelsea.png", "coffee.png", "camera.png"];
+    let stop = vec![l.tokenizer.eoc_token_id()];
+    // The same images, the prompt's last two tokens replaced: it diverges inside a block.
+    let mut other = base[..n - 2].to_vec();
+    other.extend([5, 6, 7]);
+    let first = Req { prompt: other, images: images.clone(), sampling: greedy(), max_new: 4 };
+    let second = Req { prompt: base.clone(), images: images.clone(), sampling: greedy(), max_new: 12 };
+    let cfg = EngineConfig { block_size: 8, ..Default::default() };
+    assert_ne!((n - 2) % 8, 0, "the divergence must fall inside a block for this test");
+    let engine = Engine::start(load("mosaicgpt_x1").0.model, cfg, Some(l.tokenizer.media_token_id()));
+    let _ = collect(engine.submit(build(&l, &first, stop.clone())).unwrap());
+    let (hit, fin) = collect(engine.submit(build(&l, &second, stop.clone())).unwrap());
+    assert_eq!(hit, ids(&p3["greedy"]["ids"]), "a partial-block hit gives the reference's tokens");
+    match fin {
+        Event::Finished { usage, .. } => assert_eq!(usage.cached_tokens, n - 2, "all the shared tokens are reused"),
+        other => panic!("{other:?}"),
+    }
+    // A different image at the same token position must not be reused.
+    let mut swapped = images.clone();
+    swapped[2] = "chelsea.png";
+    let third = Req { prompt: base, images: swapped, sampling: greedy(), max_new: 2 };
+    let (_, fin) = collect(engine.submit(build(&l, &third, stop)).unwrap());
+    let last_image = ids(&p3["input_ids"]).iter().rposition(|&t| t == l.tokenizer.media_token_id()).unwrap();
+    match fin {
+        Event::Finished { usage, .. } => assert!(usage.cached_tokens <= last_image, "{} cached past the changed image at {last_image}", usage.cached_tokens),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

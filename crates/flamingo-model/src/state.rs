@@ -124,6 +124,16 @@ impl KvBlock {
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
     }
+
+    /// The block's first `rows` positions, holding `media` `<image>` tokens (a prefix of a
+    /// cached block is exact for any prompt that shares those tokens and images).
+    pub fn head(&self, rows: usize, media: usize) -> Result<KvBlock> {
+        if rows > self.len || media > self.media {
+            candle_core::bail!("block head of {rows} rows / {media} media out of range ({} / {})", self.len, self.media);
+        }
+        let layers = self.layers.iter().map(|(k, v)| Ok((k.narrow(1, 0, rows)?, v.narrow(1, 0, rows)?))).collect::<Result<_>>()?;
+        Ok(KvBlock { layers, len: rows, media })
+    }
 }
 
 /// Cross-attention keys and values of one gated layer for every image of a sequence:

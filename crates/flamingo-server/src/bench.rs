@@ -93,19 +93,29 @@ impl Bench {
 
     /// Time from submission to the first token of `req` on scheduler `s`.
     fn ttft(&self, s: &mut Scheduler<Arc<Flamingo>>, req: ValidRequest) -> Result<Duration> {
+        Ok(self.ttft_cached(s, req)?.0)
+    }
+
+    /// [`Self::ttft`] and the prompt tokens the prefix cache supplied.
+    fn ttft_cached(&self, s: &mut Scheduler<Arc<Flamingo>>, req: ValidRequest) -> Result<(Duration, usize)> {
         let (tx, mut rx): (_, UnboundedReceiver<Event>) = unbounded_channel();
         let t = Instant::now();
         s.submit(req, tx)?;
-        loop {
+        let mut cached = 0;
+        'outer: loop {
             s.step(Some(self.media));
-            if let Ok(Event::Token(_)) = rx.try_recv() {
-                break;
+            while let Ok(e) = rx.try_recv() {
+                match e {
+                    Event::Prefilled { cached_tokens } => cached = cached_tokens,
+                    Event::Token(_) => break 'outer,
+                    _ => {}
+                }
             }
         }
         let took = t.elapsed();
         drop(rx);
         s.step(Some(self.media)); // cancels and frees it
-        Ok(took)
+        Ok((took, cached))
     }
 
     /// A 4-shot captioning prompt: 4 x (<image> + caption + <|endofchunk|>) + <image> + query.
@@ -193,9 +203,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // Prefix cache on: the same demonstrations, another question.
         let mut s = b.scheduler(EngineConfig::default());
         b.ttft(&mut s, b.request(b.few_shot(shots, 20, 50 + r as u32), media(&query), 1)?)?;
-        warm.push(b.ttft(&mut s, b.request(b.few_shot(shots, 20, 1 + r as u32), media(&query), 1)?)?);
-        let bs = s.config().block_size;
-        cached_tokens = b.few_shot(shots, 20, 1).iter().zip(b.few_shot(shots, 20, 50)).take_while(|(x, y)| **x == *y).count() / bs * bs;
+        let (t, c) = b.ttft_cached(&mut s, b.request(b.few_shot(shots, 20, 1 + r as u32), media(&query), 1)?)?;
+        warm.push(t);
+        cached_tokens = c;
     }
     let (c, w) = (median(cold), median(warm));
     println!("| prefix cache | time to first token | |");
