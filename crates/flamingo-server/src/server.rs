@@ -259,11 +259,7 @@ async fn observe(req: Request, next: Next) -> Response {
         .map(String::from)
         .unwrap_or_else(|| random_id(""));
     let span = tracing::info_span!("request", request_id = %id, method = %method, route = %route);
-    let mut resp = {
-        let _e = span.enter();
-        drop(_e);
-        tracing::Instrument::instrument(next.run(req), span.clone()).await
-    };
+    let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let status = resp.status().as_u16();
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
