@@ -492,18 +492,7 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -
         })
         .collect();
     let ids = rt.tokenizer.encode_segments(&segments).map_err(|e| ApiError::bad_request(format!("cannot tokenize the messages: {e}")))?;
-    let mut items = Vec::new();
-    let mut k = 0;
-    for (i, m) in req.messages.iter().enumerate() {
-        if let Some(api::MessageContent::Parts(parts)) = &m.content {
-            for (j, p) in parts.iter().enumerate() {
-                if matches!(p.get("type").and_then(Value::as_str), Some("image_url" | "video_url")) {
-                    items.push(MediaItem { source: prompt.media[k].clone(), param: format!("messages[{i}].content[{j}]") });
-                    k += 1;
-                }
-            }
-        }
-    }
+    let items = prompt.media.into_iter().zip(prompt.media_params).map(|(source, param)| MediaItem { source, param }).collect();
     generate(st.clone(), guard, ids, items, plan).await
 }
 

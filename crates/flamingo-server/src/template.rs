@@ -41,6 +41,8 @@ pub enum Piece {
 pub struct ChatPrompt {
     pub pieces: Vec<Piece>,
     pub media: Vec<MediaRef>,
+    /// Where each media item is in the request (`messages[i].content[j]`), for errors.
+    pub media_params: Vec<String>,
 }
 
 impl ChatPrompt {
@@ -91,6 +93,7 @@ pub fn openflamingo(messages: &[ChatMessage]) -> Result<ChatPrompt, ApiError> {
     }
     let mut pieces = Vec::new();
     let mut media = Vec::new();
+    let mut media_params = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         let param = format!("messages[{i}]");
         match m.role.as_str() {
@@ -107,10 +110,12 @@ pub fn openflamingo(messages: &[ChatMessage]) -> Result<ChatPrompt, ApiError> {
                             },
                             Some("image_url") => {
                                 media.push(MediaRef::Image(url_of(p, "image_url", &pp)?));
+                                media_params.push(pp.clone());
                                 pieces.push(Piece::Media);
                             }
                             Some("video_url") => {
                                 media.push(video_of(p, &pp)?);
+                                media_params.push(pp.clone());
                                 pieces.push(Piece::Media);
                             }
                             Some(other) => {
@@ -156,7 +161,7 @@ pub fn openflamingo(messages: &[ChatMessage]) -> Result<ChatPrompt, ApiError> {
             }
         }
     }
-    Ok(ChatPrompt { pieces, media })
+    Ok(ChatPrompt { pieces, media, media_params })
 }
 
 #[cfg(test)]
