@@ -40,7 +40,8 @@ pub trait Backend: Send + 'static {
         None
     }
     /// Restores cached prefix blocks into a fresh state whose media are attached.
-    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block]) -> Result<(), String>;
+    /// `capacity`: positions the sequence is expected to reach (room can be made at once).
+    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), String>;
 }
 
 /// Media are cached as their cross-attention K/V (every gated layer): a cache hit skips the
@@ -105,8 +106,8 @@ impl Backend for Flamingo {
         block.head(rows, media).ok()
     }
 
-    fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock]) -> Result<(), String> {
-        self.restore_prefix(state, blocks).map_err(|e| e.to_string())
+    fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock], capacity: usize) -> Result<(), String> {
+        self.restore_prefix(state, blocks, capacity).map_err(|e| e.to_string())
     }
 }
 
@@ -155,7 +156,7 @@ impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
     fn block_head(&self, block: &Self::Block, rows: usize, media: usize) -> Option<Self::Block> {
         (**self).block_head(block, rows, media)
     }
-    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block]) -> Result<(), String> {
-        (**self).restore(state, blocks)
+    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), String> {
+        (**self).restore(state, blocks, capacity)
     }
 }

@@ -126,6 +126,10 @@ pub struct Scheduler<B: Backend> {
     next_id: u64,
 }
 
+/// Generated positions a restored sequence's caches get room for up front (beyond that they
+/// grow by doubling).
+const RESERVE_GENERATED: usize = 64;
+
 /// Hash of one block (full, or a prompt's partial tail): the previous block's hash, its token
 /// ids, and the keys of the images its `<image>` tokens introduce. With the masking rule this
 /// determines the block's K/V exactly.
@@ -349,7 +353,9 @@ impl<B: Backend> Scheduler<B> {
         if let Some(h) = &head {
             brefs.push(h);
         }
-        self.backend.restore(&mut state, &brefs)?;
+        // Room for the prompt and the start of the generation, allocated once.
+        let capacity = w.req.prompt.len() + w.req.stop.max_new_tokens.min(RESERVE_GENERATED);
+        self.backend.restore(&mut state, &brefs, capacity)?;
         let sampler = Sampler::new(&w.req.sampling.strategy, w.req.sampling.repetition_penalty);
         let beams = match &w.req.sampling.strategy {
             Strategy::Beam { num_beams, length_penalty, early_stopping } => Some(Beams {

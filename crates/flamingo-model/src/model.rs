@@ -184,14 +184,23 @@ impl Flamingo {
     /// Restores a cached prompt prefix into a fresh state (images already attached): appends
     /// each block's K/V to every layer and advances the media count as prefilling those tokens
     /// would. Exact by the masking rule: a prefix's K/V depend only on its tokens and images.
-    pub fn restore_prefix(&self, state: &mut SequenceState, blocks: &[&crate::state::KvBlock]) -> Result<()> {
+    ///
+    /// The caches get room for `capacity` positions at once (the whole prompt and some of the
+    /// generation), so neither the restore nor the prefill after it regrows them.
+    pub fn restore_prefix(&self, state: &mut SequenceState, blocks: &[&crate::state::KvBlock], capacity: usize) -> Result<()> {
         if !state.is_empty() || state.decode_media.is_some() {
             return Err(Error::Invalid("a prefix can only be restored into a fresh state".into()));
         }
-        for b in blocks {
-            if b.layers.len() != state.kv.len() {
-                return Err(Error::Invalid("prefix block from another model".into()));
+        if blocks.iter().any(|b| b.layers.len() != state.kv.len()) {
+            return Err(Error::Invalid("prefix block from another model".into()));
+        }
+        if let Some(first) = blocks.first() {
+            let total = capacity.max(blocks.iter().map(|b| b.len).sum());
+            for (cache, (k, _)) in state.kv.iter_mut().zip(&first.layers) {
+                cache.reserve(total, k)?;
             }
+        }
+        for b in blocks {
             for (cache, (k, v)) in state.kv.iter_mut().zip(&b.layers) {
                 cache.append(k, v)?;
             }

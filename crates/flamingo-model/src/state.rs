@@ -51,23 +51,48 @@ impl KvCache {
         }
     }
 
+    fn capacity(&self) -> Result<usize> {
+        Ok(self.k.as_ref().map(|c| c.dim(1)).transpose()?.unwrap_or(0))
+    }
+
+    /// Moves the contents to storage for `cap` positions (`like` gives heads, dims and dtype
+    /// when the cache is still empty).
+    fn regrow(&mut self, cap: usize, like: &Tensor) -> Result<()> {
+        let len = self.len;
+        let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+            let (h, _, d) = like.dims3()?;
+            let buf = Tensor::zeros((h, cap, d), like.dtype(), like.device())?;
+            if let Some(old) = old {
+                if len > 0 {
+                    buf.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+            }
+            Ok(buf)
+        };
+        let k = grow(&self.k, self.k.as_ref().unwrap_or(like))?;
+        let v = grow(&self.v, self.v.as_ref().unwrap_or(like))?;
+        self.k = Some(k);
+        self.v = Some(v);
+        Ok(())
+    }
+
+    /// Makes room for `total` positions in one allocation (e.g. before restoring a cached
+    /// prefix block by block); `like` (`[heads, _, d]`) gives the shape and dtype of an empty
+    /// cache.
+    pub fn reserve(&mut self, total: usize, like: &Tensor) -> Result<()> {
+        if total > self.capacity()? {
+            self.regrow(total, like)?;
+        }
+        Ok(())
+    }
+
     /// Appends `k`, `v` (`[heads, t, d]`) to the storage.
     pub fn append_only(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let t = k.dim(1)?;
         let need = self.len + t;
-        let cap = self.k.as_ref().map(|c| c.dim(1)).transpose()?.unwrap_or(0);
+        let cap = self.capacity()?;
         if need > cap {
-            let new_cap = need.max(cap * 2).max(16);
-            let grow = |old: &Option<Tensor>, new: &Tensor| -> Result<Tensor> {
-                let (h, _, d) = new.dims3()?;
-                let buf = Tensor::zeros((h, new_cap, d), new.dtype(), new.device())?;
-                if let Some(old) = old {
-                    buf.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                }
-                Ok(buf)
-            };
-            self.k = Some(grow(&self.k, k)?);
-            self.v = Some(grow(&self.v, v)?);
+            self.regrow(need.max(cap * 2).max(16), k)?;
         }
         let (kb, vb) = match (&self.k, &self.v) {
             (Some(kb), Some(vb)) => (kb, vb),
@@ -92,11 +117,12 @@ impl KvCache {
         }
     }
 
-    /// Copies of positions `start..start + len`: `([heads, len, d], [heads, len, d])`.
+    /// Copies of positions `start..start + len`: `([heads, len, d], [heads, len, d])`, holding
+    /// only those rows (a prefix-cache block must not pin the whole cache's storage).
     pub fn rows(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
         match (&self.k, &self.v) {
             (Some(k), Some(v)) if start + len <= self.len => {
-                Ok((k.narrow(1, start, len)?.copy()?, v.narrow(1, start, len)?.copy()?))
+                Ok((k.narrow(1, start, len)?.force_contiguous()?, v.narrow(1, start, len)?.force_contiguous()?))
             }
             _ => candle_core::bail!("kv rows {start}..{} out of range (len {})", start + len, self.len),
         }
@@ -212,5 +238,56 @@ impl SequenceState {
             .flatten()
             .map(|x| (x.k.elem_count() + x.v.elem_count()) * x.k.dtype().size_in_bytes())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Elements held by a tensor's storage (not just its view).
+    fn storage_len(t: &Tensor) -> usize {
+        let (s, _) = t.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(c) => c.as_slice::<f32>().map(|s| s.len()).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn filled(heads: usize, len: usize, from: f32) -> Tensor {
+        let v: Vec<f32> = (0..heads * len * 4).map(|i| from + i as f32).collect();
+        Tensor::from_vec(v, (heads, len, 4), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn rows_copy_only_the_rows_they_return() {
+        let mut c = KvCache::default();
+        c.append_only(&filled(2, 40, 0.0), &filled(2, 40, 1000.0)).unwrap();
+        let (k, v) = c.rows(8, 16).unwrap();
+        // The cache's storage has room for 40+ positions; a 16-row block must not pin it.
+        assert_eq!(storage_len(&k), 2 * 16 * 4);
+        assert_eq!(storage_len(&v), 2 * 16 * 4);
+        let want = filled(2, 40, 0.0).narrow(1, 8, 16).unwrap();
+        assert_eq!(k.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap());
+        // Writing to the cache afterwards leaves the copy alone.
+        c.truncate(8);
+        c.append_only(&filled(2, 16, -5.0), &filled(2, 16, -5.0)).unwrap();
+        assert_eq!(k.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn reserve_keeps_contents_and_avoids_regrowth() {
+        let mut c = KvCache::default();
+        c.append_only(&filled(2, 3, 0.0), &filled(2, 3, 0.0)).unwrap();
+        c.reserve(50, &filled(2, 1, 0.0)).unwrap();
+        let (k, _, len) = c.buffers().unwrap();
+        assert_eq!((k.dim(1).unwrap(), len), (50, 3));
+        c.append_only(&filled(2, 47, 100.0), &filled(2, 47, 100.0)).unwrap();
+        let (k2, _, len) = c.buffers().unwrap();
+        assert_eq!((k2.dim(1).unwrap(), len), (50, 50));
+        let all = c.rows(0, 50).unwrap().0;
+        let want = Tensor::cat(&[filled(2, 3, 0.0), filled(2, 47, 100.0)], 1).unwrap();
+        assert_eq!(all.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap());
     }
 }
