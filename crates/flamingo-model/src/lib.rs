@@ -23,6 +23,7 @@ pub mod nn;
 pub mod perceiver;
 pub mod preprocess;
 pub mod random;
+pub mod skinny;
 pub mod state;
 pub mod tokenizer;
 pub mod vision;

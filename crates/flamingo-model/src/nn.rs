@@ -7,10 +7,12 @@ pub use candle_nn::RmsNorm;
 
 /// `nn.Linear` with PyTorch's `[out, in]` weight layout.
 ///
-/// For a few rows (a decode step batching 2..=96 sequences, a short prefill chunk) it computes
-/// `(W · xᵀ)ᵀ`: candle's CPU gemm packs the transposed weight slowly when `x` is the left
-/// operand, and with the weight on the left the same product runs 1.5-3x faster at these sizes
-/// (measured with candle 0.11 on this project's 2-core machine; see BENCHMARKS.md).
+/// On the CPU in f32, up to [`crate::skinny::MAX_ROWS`] rows (a decode step of a few sequences,
+/// the short prefill chunk after a prefix-cache hit) go through [`crate::skinny`], which reads
+/// each weight row once; 9..=96 rows (a larger decode batch) compute `(W · xᵀ)ᵀ`: candle's CPU
+/// gemm packs the transposed weight slowly when `x` is the left operand, and with the weight on
+/// the left the same product runs 1.5-3x faster at these sizes. Both measured with candle 0.11
+/// on this project's 2-core machine (`examples/linear.rs`, BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -27,13 +29,49 @@ impl Linear {
     }
 }
 
-/// `x · Wᵀ` for a `[out, in]` weight, choosing the faster operand order (see [`Linear`]).
+/// `x · Wᵀ` for a `[out, in]` weight, choosing the faster method (see [`Linear`]): up to
+/// [`crate::skinny::MAX_ROWS`] rows of f32 on the CPU go through [`crate::skinny`].
 pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if let Some(y) = skinny_wt(x, w)? {
+        return Ok(y);
+    }
     match *x.dims() {
         [m, _] if (2..=96).contains(&m) && x.device().is_cpu() => w.matmul(&x.t()?)?.t()?.contiguous(),
         [_, _] => x.matmul(&w.t()?),
         _ => x.broadcast_matmul(&w.t()?),
     }
+}
+
+/// [`crate::skinny::matmul_wt`] when it applies: f32 on the CPU, `x: [m, k]` with
+/// `1 <= m <= MAX_ROWS`, `w: [n, k]` contiguous.
+fn skinny_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let ([m, k], [n, kw]) = (x.dims(), w.dims()) else {
+        return Ok(None);
+    };
+    let (m, k, n) = (*m, *k, *n);
+    if k != *kw
+        || !(1..=crate::skinny::MAX_ROWS).contains(&m)
+        || !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || !w.is_contiguous()
+    {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let y = {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        match (&*xs, &*ws) {
+            (candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(wc)) => {
+                let xv = &xc.as_slice::<f32>()?[xl.start_offset()..];
+                let wv = &wc.as_slice::<f32>()?[wl.start_offset()..];
+                crate::skinny::matmul_wt(xv, m, wv, n, k)
+            }
+            _ => return Ok(None),
+        }
+    };
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
 }
 
 impl Module for Linear {
