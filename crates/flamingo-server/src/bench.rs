@@ -27,6 +27,16 @@ pub struct BenchArgs {
     /// Repetitions of each time-to-first-token measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Which measurements to run: any of `decode`, `prefix`, `vision`.
+    #[arg(long, value_delimiter = ',', default_value = "decode,prefix,vision")]
+    sections: Vec<Section>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Decode,
+    Prefix,
+    Vision,
 }
 
 struct Bench {
@@ -169,8 +179,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     let cfg = model.config().clone();
     let b = Bench { model, media: cfg.media_token_id, eoc: cfg.eoc_token_id, vocab: cfg.vocab_rows as u32 };
-    let size = cfg.vision.image_size;
 
+    if a.sections.contains(&Section::Decode) {
+        decode_table(&b, &a)?;
+    }
+    if a.sections.contains(&Section::Prefix) {
+        prefix_table(&b, &a)?;
+    }
+    if a.sections.contains(&Section::Vision) {
+        vision_table(&b, &a)?;
+    }
+    Ok(())
+}
+
+fn decode_table(b: &Bench, a: &BenchArgs) -> Result<()> {
     println!("\n## Aggregate decode throughput ({} steps)\n", a.decode_steps);
     println!("| sequences | tokens/s | vs 1 |");
     println!("|---|---|---|");
@@ -180,6 +202,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let b1 = *base.get_or_insert(tps);
         println!("| {n} | {tps:.1} | {:.2}x |", tps / b1);
     }
+    Ok(())
+}
+
+fn prefix_table(b: &Bench, a: &BenchArgs) -> Result<()> {
+    let size = b.model.config().vision.image_size;
 
     // Time to first token, 4-shot prompt, all images already in the vision cache.
     let shots = 4;
@@ -206,12 +233,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let (t, c) = b.ttft_cached(&mut s, b.request(b.few_shot(shots, 20, 1 + r as u32), media(&query), 1)?)?;
         warm.push(t);
         cached_tokens = c;
+
     }
     let (c, w) = (median(cold), median(warm));
     println!("| prefix cache | time to first token | |");
     println!("|---|---|---|");
     println!("| miss (cache off) | {:.0} ms | |", c.as_secs_f64() * 1e3);
     println!("| hit ({cached_tokens} tokens reused) | {:.0} ms | {:.1}x lower |", w.as_secs_f64() * 1e3, c.as_secs_f64() / w.as_secs_f64());
+    Ok(())
+}
+
+fn vision_table(b: &Bench, a: &BenchArgs) -> Result<()> {
+    let size = b.model.config().vision.image_size;
 
     // Repeated image: vision cache on and off, 1-image prompt.
     println!("\n## Time to first token, 1-image prompt (9 tokens), median of {}\n", a.repeats);
