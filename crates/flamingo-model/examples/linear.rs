@@ -14,7 +14,7 @@ fn main() -> candle_core::Result<()> {
     for &(i, o) in &[(1024usize, 3072usize), (1024, 1024), (1024, 4096), (4096, 1024)] {
         let ws: Vec<Tensor> = (0..24).map(|_| Tensor::randn(0f32, 1.0, (o, i), &d)).collect::<candle_core::Result<_>>()?;
         println!("[m, {i}] x [{i}, {o}]   skinny | gemm (W.x^T)^T | gemm x.W^T");
-        for &m in &[1usize, 2, 3, 4, 8, 16] {
+        for &m in &[1usize, 2, 3, 4, 8, 16, 32, 64] {
             let x = Tensor::randn(0f32, 1.0, (m, i), &d)?;
             let xv = x.flatten_all()?.to_vec1::<f32>()?;
             let wv: Vec<Vec<f32>> = ws.iter().map(|w| w.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;

@@ -14,16 +14,16 @@
 use rayon::prelude::*;
 
 /// Most rows this kernel handles; more go to the general GEMM.
-pub const MAX_ROWS: usize = 8;
+pub const MAX_ROWS: usize = 64;
 
-/// Independent partial sums per dot product (two 8-lane vectors: enough to hide the latency of
-/// fused multiply-adds).
-const LANES: usize = 16;
+/// Partial sums per dot product (one 8-lane vector).
+const LANES: usize = 8;
 
-/// Output rows per parallel task.
-const CHUNK: usize = 32;
+/// Output rows (rows of `W`) per parallel task: a multiple of every tile height below, small
+/// enough for the task's slice of `W` to stay in L2 while it meets every group of `x` rows.
+const CHUNK: usize = 48;
 
-/// Rows of `x` multiplied together (2 x GROUP accumulator vectors stay in registers).
+/// Rows of `x` per group (the widest tile).
 const GROUP: usize = 4;
 
 /// `y = x · wᵀ` with `x: [m, k]`, `w: [n, k]` (row-major), returned as `[m, n]`.
@@ -34,22 +34,22 @@ pub fn matmul_wt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32>
     assert!((1..=MAX_ROWS).contains(&m) && x.len() >= m * k && w.len() >= n * k);
     // Computed transposed ([n, m]) so every task owns a contiguous slice, then transposed back.
     let mut yt = vec![0f32; n * m];
+    let avx2 = has_avx2_fma();
     yt.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, out)| {
         let first = c * CHUNK;
         let rows = out.len() / m;
         let w = &w[first * k..(first + rows) * k];
-        // Rows of x in groups of up to GROUP: the chunk of w stays in cache between groups.
         let mut g = 0;
         while g < m {
-            let x = &x[g * k..];
-            let out = &mut out[g..];
-            match m - g {
-                1 => dispatch::<1>(x, w, rows, k, out, m),
-                2 => dispatch::<2>(x, w, rows, k, out, m),
-                3 => dispatch::<3>(x, w, rows, k, out, m),
-                _ => dispatch::<GROUP>(x, w, rows, k, out, m),
+            let b = (m - g).min(GROUP);
+            let x = &x[g * k..(g + b) * k];
+            match b {
+                1 => rows_of::<6, 1>(avx2, x, w, rows, k, out, m, g),
+                2 => rows_of::<4, 2>(avx2, x, w, rows, k, out, m, g),
+                3 => rows_of::<3, 3>(avx2, x, w, rows, k, out, m, g),
+                _ => rows_of::<3, 4>(avx2, x, w, rows, k, out, m, g),
             }
-            g += GROUP;
+            g += b;
         }
     });
     if m == 1 {
@@ -64,87 +64,129 @@ pub fn matmul_wt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32>
     y
 }
 
-/// `out[j * stride + r] = dot(w[j], x[r])` for `j < rows`, `r < M`.
-fn dispatch<const M: usize>(x: &[f32], w: &[f32], rows: usize, k: usize, out: &mut [f32], stride: usize) {
-    assert!(x.len() >= M * k && w.len() >= rows * k && out.len() > (rows - 1) * stride + M - 1);
+fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            unsafe { block_avx2::<M>(x, w, rows, k, out, stride) };
-            return;
-        }
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
-    block::<M>(x, w, rows, k, out, stride);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
-/// [`block`] with AVX2 fused multiply-adds: lanes `0..8` and `8..16` are two vectors, added
-/// together before the horizontal sum.
+/// `out[j * stride + col + b] = dot(w[j], x[b])` for `j < rows`, `b < B`: tiles of `A` weight
+/// rows by the `B` rows of `x`, then the remaining weight rows one at a time.
+#[allow(clippy::too_many_arguments)]
+fn rows_of<const A: usize, const B: usize>(
+    avx2: bool,
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    k: usize,
+    out: &mut [f32],
+    stride: usize,
+    col: usize,
+) {
+    assert!(x.len() >= B * k && w.len() >= rows * k && col + B <= stride && out.len() >= rows * stride);
+    let mut j = 0;
+    while j < rows {
+        let a = if j + A <= rows { A } else { 1 };
+        let w = &w[j * k..(j + a) * k];
+        let mut put = |t: usize, d: [f32; B]| out[(j + t) * stride + col..][..B].copy_from_slice(&d);
+        if a == A {
+            for (t, d) in tile::<A, B>(avx2, x, w, k).into_iter().enumerate() {
+                put(t, d);
+            }
+        } else {
+            put(0, tile::<1, B>(avx2, x, w, k)[0]);
+        }
+        j += a;
+    }
+}
+
+/// Dot products of `A` rows of `w` with `B` rows of `x` (both `k` long).
+#[inline(always)]
+fn tile<const A: usize, const B: usize>(avx2: bool, x: &[f32], w: &[f32], k: usize) -> [[f32; B]; A] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2 {
+            // SAFETY: `avx2` is true only when the CPU has AVX2 and FMA; the slices hold
+            // `B` and `A` rows of `k` (checked by the caller).
+            return unsafe { tile_avx2::<A, B>(x, w, k) };
+        }
+    }
+    let _ = avx2;
+    tile_portable::<A, B>(x, w, k)
+}
+
+/// [`tile_portable`] with AVX2 fused multiply-adds: one vector of partial sums per output.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2<const M: usize>(x: &[f32], w: &[f32], rows: usize, k: usize, out: &mut [f32], stride: usize) {
+unsafe fn tile_avx2<const A: usize, const B: usize>(x: &[f32], w: &[f32], k: usize) -> [[f32; B]; A] {
     use std::arch::x86_64::*;
     let full = k / LANES * LANES;
-    for j in 0..rows {
-        let wr = &w[j * k..(j + 1) * k];
-        let (wp, xp) = (wr.as_ptr(), x.as_ptr());
-        let mut a0 = [_mm256_setzero_ps(); M];
-        let mut a1 = [_mm256_setzero_ps(); M];
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 16 <= full <= k; wr has k elements, x has M rows of k.
-            unsafe {
-                let w0 = _mm256_loadu_ps(wp.add(i));
-                let w1 = _mm256_loadu_ps(wp.add(i + 8));
-                for r in 0..M {
-                    let xr = xp.add(r * k + i);
-                    a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), a0[r]);
-                    a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), a1[r]);
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); B]; A];
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 <= full <= k, and w, x hold A and B rows of k.
+        unsafe {
+            let mut wv = [_mm256_setzero_ps(); A];
+            for (a, v) in wv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(wp.add(a * k + i));
+            }
+            for b in 0..B {
+                let xv = _mm256_loadu_ps(xp.add(b * k + i));
+                for a in 0..A {
+                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
                 }
             }
-            i += LANES;
         }
-        for r in 0..M {
-            let mut lanes = [0f32; 8];
+        i += LANES;
+    }
+    let mut out = [[0f32; B]; A];
+    for a in 0..A {
+        for b in 0..B {
+            let mut lanes = [0f32; LANES];
             // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a0[r], a1[r])) };
-            let mut s = 0f32;
-            for v in lanes {
-                s += v;
-            }
-            for t in full..k {
-                s += wr[t] * x[r * k + t];
-            }
-            out[j * stride + r] = s;
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][b]) };
+            out[a][b] = finish(&lanes, &w[a * k..(a + 1) * k], &x[b * k..(b + 1) * k], full);
         }
     }
+    out
 }
 
-/// `out[j * stride + r] = dot(w[j], x[r])` in a fixed summation order: lane `l` sums elements
-/// `l, l + LANES, ...`, lanes `l` and `l + 8` are added, then those eight in order, then the
-/// tail.
-fn block<const M: usize>(x: &[f32], w: &[f32], rows: usize, k: usize, out: &mut [f32], stride: usize) {
+/// The dot products in a fixed order: lane `l` sums elements `l, l + 8, ...` (multiply and add
+/// separately here; fused in [`tile_avx2`]), then [`finish`].
+fn tile_portable<const A: usize, const B: usize>(x: &[f32], w: &[f32], k: usize) -> [[f32; B]; A] {
     let full = k / LANES * LANES;
-    for j in 0..rows {
-        let wr = &w[j * k..(j + 1) * k];
-        for r in 0..M {
-            let xr = &x[r * k..(r + 1) * k];
-            let mut acc = [0f32; LANES];
+    let mut out = [[0f32; B]; A];
+    for a in 0..A {
+        let wr = &w[a * k..(a + 1) * k];
+        for b in 0..B {
+            let xr = &x[b * k..(b + 1) * k];
+            let mut lanes = [0f32; LANES];
             for (wc, xc) in wr[..full].chunks_exact(LANES).zip(xr[..full].chunks_exact(LANES)) {
                 for l in 0..LANES {
-                    acc[l] += wc[l] * xc[l];
+                    lanes[l] += wc[l] * xc[l];
                 }
             }
-            let mut s = 0f32;
-            for l in 0..8 {
-                s += acc[l] + acc[l + 8];
-            }
-            for t in full..k {
-                s += wr[t] * xr[t];
-            }
-            out[j * stride + r] = s;
+            out[a][b] = finish(&lanes, wr, xr, full);
         }
     }
+    out
+}
+
+/// Adds the lanes pairwise (`(0+4) + (2+6)` ... in a fixed tree) and the tail `full..k`.
+#[inline(always)]
+fn finish(lanes: &[f32; LANES], w: &[f32], x: &[f32], full: usize) -> f32 {
+    let q = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
+    let mut s = (q[0] + q[2]) + (q[1] + q[3]);
+    for t in full..w.len().min(x.len()) {
+        s += w[t] * x[t];
+    }
+    s
 }
 
 #[cfg(test)]
@@ -168,7 +210,7 @@ mod tests {
     #[test]
     fn matches_a_float64_product() {
         // k with and without a tail; n not a multiple of the chunk.
-        for &(m, n, k) in &[(1, 70, 64), (2, 33, 100), (3, 129, 1024), (8, 65, 37), (5, 1, 16), (7, 40, 48)] {
+        for &(m, n, k) in &[(1, 70, 64), (2, 33, 100), (3, 129, 1024), (8, 65, 37), (5, 1, 16), (7, 40, 48), (13, 97, 33), (64, 50, 24)] {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let got = matmul_wt(&x, m, &w, n, k);

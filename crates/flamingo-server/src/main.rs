@@ -239,7 +239,21 @@ fn run_download(a: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
+/// Fixes the CPU thread count for the whole process, once, before any other thread starts.
+///
+/// Without `RAYON_NUM_THREADS`, candle works out its thread count (physical cores, from
+/// `/proc/cpuinfo` on Linux) on every matmul and every parallel element-wise op: about 60 µs a
+/// call on this project's machine, hundreds of calls per decode step. Setting the variable to
+/// that same count makes the lookup free; an operator's own setting is kept.
+fn pin_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = flamingo_model::candle::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 fn main() {
+    pin_cpu_threads();
     let cli = Cli::parse();
     if !matches!(cli.command, None | Some(Command::Serve(_))) {
         init_logs("text", "warn");
