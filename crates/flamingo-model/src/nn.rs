@@ -1,6 +1,7 @@
 //! Small building blocks shared by the vision tower, the Perceiver and the language models.
 
 use candle_core::{DType, Module, Result, Tensor, D};
+use rayon::prelude::*;
 use candle_nn::VarBuilder;
 
 pub use candle_nn::RmsNorm;
@@ -84,6 +85,38 @@ impl Module for Linear {
     }
 }
 
+/// Runs `f` on the f32 contents of a contiguous CPU tensor, from its start offset.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    if !layout.is_contiguous() {
+        candle_core::bail!("fused CPU kernels need contiguous buffers");
+    }
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let s = cpu.as_slice::<f32>()?;
+            Ok(f(&s[layout.start_offset()..]))
+        }
+        _ => candle_core::bail!("fused CPU kernels run on the CPU"),
+    }
+}
+
+/// Dot product with independent partial sums (so it vectorises).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
 /// `nn.Linear(in, out, bias)` with PyTorch's `[out, in]` weight layout.
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let w = vb.get((out_dim, in_dim), "weight")?;
@@ -155,10 +188,39 @@ impl Activation {
     }
 }
 
+/// Exact GELU, `0.5·x·(1 + erf(x/√2))`, with candle's own formula and `erf` (so the values are
+/// bitwise candle's), but for f32 on the CPU split over rayon's pool, the pool the matmuls use:
+/// candle runs large element-wise ops on a second, spinning thread pool, which on a 2-core
+/// machine competes with rayon's workers (1.3-1.8 ms for a `[16, 4096]` GELU, 0.3-0.4 ms here).
+fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return x.gelu_erf();
+    }
+    let x = x.contiguous()?;
+    let f = |v: f32| (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v;
+    let y = with_f32(&x, |xs| {
+        let xs = &xs[..x.elem_count()];
+        let mut y = vec![0f32; xs.len()];
+        if xs.len() >= GELU_PAR_MIN {
+            y.par_chunks_mut(GELU_CHUNK).zip(xs.par_chunks(GELU_CHUNK)).for_each(|(o, i)| {
+                o.iter_mut().zip(i).for_each(|(o, &v)| *o = f(v));
+            });
+        } else {
+            y.iter_mut().zip(xs).for_each(|(o, &v)| *o = f(v));
+        }
+        y
+    })?;
+    Tensor::from_vec(y, x.shape(), x.device())
+}
+
+/// Elements from which [`gelu_erf`] runs in parallel, and per task.
+const GELU_PAR_MIN: usize = 16 * 1024;
+const GELU_CHUNK: usize = 4 * 1024;
+
 impl Module for Activation {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Gelu => x.gelu_erf(),
+            Self::Gelu => gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
             Self::Silu => x.silu(),

@@ -51,7 +51,8 @@ impl RandomSpec {
 
 /// Returns N(0, 1/fan_in) for matrices, ones for norm weights, zeros for biases, and 0.5 for
 /// the tanh gates.
-struct RandomBackend {
+#[derive(Default)]
+pub(crate) struct RandomBackend {
     unchecked: HashMap<String, Vec<usize>>,
 }
 

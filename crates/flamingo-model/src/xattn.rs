@@ -15,10 +15,11 @@
 //! Reference: open_flamingo 2.0.1 `src/helpers.py` (`MaskedCrossAttention`,
 //! `GatedCrossAttentionBlock`), `src/flamingo_lm.py` (`FlamingoLMMixin.forward`).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
+use rayon::prelude::*;
 use candle_nn::VarBuilder;
 
-use crate::nn::{attention, linear, merge_heads, split_heads, LayerNorm, Linear};
+use crate::nn::{attention, dot, linear, merge_heads, split_heads, with_f32, LayerNorm, Linear};
 use crate::perceiver::FeedForward;
 use crate::state::XattnKv;
 
@@ -82,11 +83,21 @@ impl GatedCrossAttentionBlock {
     /// `x`: `[rows, d]`, stacked sequences; `seqs[i] = (media kv, media index of each of its rows)`.
     pub fn forward(&self, x: &Tensor, seqs: &[(Option<&XattnKv>, &[MediaIndex])]) -> Result<Tensor> {
         let q = self.to_q.forward(&self.norm.forward(x)?)?;
-        let inner = self.heads * self.dim_head;
-        let scale = 1.0 / (self.dim_head as f64).sqrt();
-        let mut parts = Vec::new();
+        let a = if q.device().is_cpu() && q.dtype() == DType::F32 {
+            self.attend_cpu(&q.contiguous()?, seqs)?
+        } else {
+            self.attend(&q, seqs)?
+        };
+        let a = self.to_out.forward(&a)?;
+        let x = (a.broadcast_mul(&self.attn_gate)? + x)?;
+        self.ff.forward(&x)?.broadcast_mul(&self.ff_gate)? + x
+    }
+
+    /// Runs of rows attending to the same image: `(first row, rows, image, sequence)`.
+    fn runs(seqs: &[(Option<&XattnKv>, &[MediaIndex])]) -> Vec<(usize, usize, MediaIndex, usize)> {
+        let mut runs = Vec::new();
         let mut row = 0;
-        for (kv, media) in seqs {
+        for (s, (_, media)) in seqs.iter().enumerate() {
             let mut start = 0;
             while start < media.len() {
                 let m = media[start];
@@ -94,22 +105,139 @@ impl GatedCrossAttentionBlock {
                 while end < media.len() && media[end] == m {
                     end += 1;
                 }
-                let len = end - start;
-                match (m, kv) {
-                    (Some(img), Some(kv)) => {
-                        let qh = split_heads(&q.narrow(0, row + start, len)?, self.heads)?;
-                        let o = attention(&qh, &kv.k.get(img)?, &kv.v.get(img)?, scale, None)?;
-                        parts.push(merge_heads(&o)?);
-                    }
-                    (Some(img), None) => candle_core::bail!("token attends to image {img} but no images are attached"),
-                    (None, _) => parts.push(Tensor::zeros((len, inner), x.dtype(), x.device())?),
-                }
+                runs.push((row + start, end - start, m, s));
                 start = end;
             }
             row += media.len();
         }
-        let a = self.to_out.forward(&Tensor::cat(&parts, 0)?)?;
-        let x = (a.broadcast_mul(&self.attn_gate)? + x)?;
-        self.ff.forward(&x)?.broadcast_mul(&self.ff_gate)? + x
+        runs
+    }
+
+    /// The attention output `[rows, inner]` with candle ops, one run at a time.
+    fn attend(&self, q: &Tensor, seqs: &[(Option<&XattnKv>, &[MediaIndex])]) -> Result<Tensor> {
+        let inner = self.heads * self.dim_head;
+        let mut parts = Vec::new();
+        for (row, len, m, s) in Self::runs(seqs) {
+            parts.push(match (m, seqs[s].0) {
+                (Some(img), Some(kv)) => self.attend_run(q, row, len, kv, img)?,
+                (Some(img), None) => candle_core::bail!("token attends to image {img} but no images are attached"),
+                (None, _) => Tensor::zeros((len, inner), q.dtype(), q.device())?,
+            });
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    fn attend_run(&self, q: &Tensor, row: usize, len: usize, kv: &XattnKv, img: usize) -> Result<Tensor> {
+        let scale = 1.0 / (self.dim_head as f64).sqrt();
+        let qh = split_heads(&q.narrow(0, row, len)?, self.heads)?;
+        merge_heads(&attention(&qh, &kv.k.get(img)?, &kv.v.get(img)?, scale, None)?)
+    }
+
+    /// [`Self::attend`] on the CPU in f32: rows of runs of up to [`FUSED_MAX_RUN`] rows (decode
+    /// steps, short prefill chunks) in a fused loop over the image's keys, in parallel; longer
+    /// runs with candle ops.
+    fn attend_cpu(&self, q: &Tensor, seqs: &[(Option<&XattnKv>, &[MediaIndex])]) -> Result<Tensor> {
+        let (rows, inner) = q.dims2()?;
+        let mut out = vec![0f32; rows * inner];
+        let mut fused: Vec<Option<(&XattnKv, usize)>> = vec![None; rows];
+        for (row, len, m, s) in Self::runs(seqs) {
+            let (img, kv) = match (m, seqs[s].0) {
+                (Some(img), Some(kv)) => (img, kv),
+                (Some(img), None) => candle_core::bail!("token attends to image {img} but no images are attached"),
+                (None, _) => continue, // exactly zero
+            };
+            if len <= FUSED_MAX_RUN && kv.k.is_contiguous() && kv.v.is_contiguous() {
+                let (t, heads, _, d) = kv.k.dims4()?;
+                if heads != self.heads || d != self.dim_head || img >= t {
+                    candle_core::bail!("cross-attention K/V of shape {:?} do not fit this layer", kv.k.dims());
+                }
+                fused[row..row + len].fill(Some((kv, img)));
+            } else {
+                let o = self.attend_run(q, row, len, kv, img)?;
+                out[row * inner..(row + len) * inner].copy_from_slice(&o.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        with_f32(q, |qs| {
+            out.par_chunks_mut(inner).zip(fused).enumerate().try_for_each(|(row, (dst, f))| match f {
+                Some((kv, img)) => self.fused_row(&qs[row * inner..(row + 1) * inner], kv, img, dst),
+                None => Ok(()),
+            })
+        })??;
+        Tensor::from_vec(out, (rows, inner), q.device())
+    }
+
+    /// `softmax(q·kᵀ·scale)·v` per head for one row `q` (`inner`) over image `img`'s latents,
+    /// written to `dst` (`inner`, zeroed).
+    fn fused_row(&self, q: &[f32], kv: &XattnKv, img: usize, dst: &mut [f32]) -> Result<()> {
+        let (_, heads, n, d) = kv.k.dims4()?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let base = img * heads * n * d;
+        with_f32(&kv.k, |ks| {
+            with_f32(&kv.v, |vs| {
+                let mut scores = vec![0f32; n];
+                for h in 0..heads {
+                    let qh = &q[h * d..(h + 1) * d];
+                    let kh = &ks[base + h * n * d..][..n * d];
+                    let vh = &vs[base + h * n * d..][..n * d];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        *sc = dot(qh, &kh[j * d..(j + 1) * d]) * scale;
+                        max = max.max(*sc);
+                    }
+                    let mut sum = 0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let oh = &mut dst[h * d..(h + 1) * d];
+                    for (j, &p) in scores.iter().enumerate() {
+                        let p = p / sum;
+                        for (o, &v) in oh.iter_mut().zip(&vh[j * d..(j + 1) * d]) {
+                            *o += p * v;
+                        }
+                    }
+                }
+            })
+        })??;
+        Ok(())
+    }
+}
+
+/// Runs of at most this many rows attend through [`GatedCrossAttentionBlock::fused_row`] on the
+/// CPU; longer ones (a long prefill) through candle's batched matmuls.
+const FUSED_MAX_RUN: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarBuilder;
+
+    /// The fused CPU path (short runs, in parallel) equals the candle-ops path, for decode-like
+    /// single rows, short runs, text before any image, and a run too long to fuse.
+    #[test]
+    fn fused_attention_matches_candle_ops() {
+        let dev = Device::Cpu;
+        let vb = VarBuilder::from_backend(Box::new(crate::random::RandomBackend::default()), DType::F32, dev.clone());
+        let cfg = XattnConfig { dim: 64, dim_visual: 48, heads: 4, dim_head: 16, ff_mult: 2 };
+        let block = GatedCrossAttentionBlock::new(&cfg, vb).unwrap();
+        let latents = Tensor::randn(0f32, 1.0, (3, 5, 48), &dev).unwrap();
+        let kv = block.media_kv(&latents).unwrap();
+        let long = FUSED_MAX_RUN + 3;
+        let a: Vec<MediaIndex> = vec![None, None, Some(0), Some(0), Some(1), Some(2)];
+        let b: Vec<MediaIndex> = vec![Some(2)];
+        let c: Vec<MediaIndex> = vec![Some(1); long];
+        let rows = a.len() + b.len() + c.len();
+        let seqs: Vec<(Option<&XattnKv>, &[MediaIndex])> = vec![(Some(&kv), &a), (Some(&kv), &b), (Some(&kv), &c)];
+        let q = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
+        let fused = block.attend_cpu(&q, &seqs).unwrap().to_vec2::<f32>().unwrap();
+        let plain = block.attend(&q, &seqs).unwrap().to_vec2::<f32>().unwrap();
+        for (r, (f, p)) in fused.iter().zip(&plain).enumerate() {
+            for (x, y) in f.iter().zip(p) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "row {r}: {x} vs {y}");
+            }
+        }
+        // Text before the first image attends to nothing.
+        assert!(fused[0].iter().chain(&fused[1]).all(|&v| v == 0.0));
     }
 }

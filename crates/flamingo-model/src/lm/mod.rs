@@ -11,8 +11,9 @@ pub mod mosaic_gpt;
 pub mod mpt;
 
 use candle_core::{DType, Device, Result, Tensor, D};
+use rayon::prelude::*;
 
-use crate::nn::{attention, causal_mask, merge_heads, repeat_kv, split_heads};
+use crate::nn::{attention, causal_mask, dot, merge_heads, repeat_kv, split_heads, with_f32};
 use crate::state::SequenceState;
 
 /// The sequences of one forward call: `lens[i]` new tokens of `seqs[i]`, stacked in order, each
@@ -130,6 +131,7 @@ impl SelfAttention {
         let mut off = 0;
         let rep = self.heads / self.kv_heads;
         let Batch { seqs, lens, pasts, attn_bias, .. } = batch;
+        let mut decode_rows = Vec::new();
         for (i, st) in seqs.iter_mut().enumerate() {
             let (len, past) = (lens[i], pasts[i]);
             if len == 0 {
@@ -138,8 +140,9 @@ impl SelfAttention {
             let ki = split_heads(&k.narrow(0, off, len)?, self.kv_heads)?;
             let vi = split_heads(&v.narrow(0, off, len)?, self.kv_heads)?;
             if fast && len == 1 {
+                // The attention itself runs below, for all decode rows in parallel.
                 st.kv[self.layer].append_only(&ki, &vi)?;
-                decode_attention(self, &q, off, &st.kv[self.layer], &mut out[off * hd..(off + 1) * hd])?;
+                decode_rows.push((off, i));
                 off += len;
                 continue;
             }
@@ -164,43 +167,23 @@ impl SelfAttention {
             off += len;
         }
         if fast {
+            if !decode_rows.is_empty() {
+                // One task per decode row: each reads its own sequence's cache and writes its
+                // own row of `out`.
+                let mut of_row = vec![None; n];
+                for &(row, i) in &decode_rows {
+                    of_row[row] = Some(&seqs[i].kv[self.layer]);
+                }
+                out.par_chunks_mut(hd).zip(of_row).enumerate().try_for_each(|(row, (o, cache))| match cache {
+                    Some(cache) => decode_attention(self, &q, row, cache, o),
+                    None => Ok(()),
+                })?;
+            }
             Tensor::from_vec(out, (n, hd), q.device())
         } else {
             Tensor::cat(&outs, 0)
         }
     }
-}
-
-/// Runs `f` on the f32 contents of a contiguous CPU tensor, from its start offset.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    if !layout.is_contiguous() {
-        candle_core::bail!("decode attention needs contiguous buffers");
-    }
-    match &*storage {
-        candle_core::Storage::Cpu(cpu) => {
-            let s = cpu.as_slice::<f32>()?;
-            Ok(f(&s[layout.start_offset()..]))
-        }
-        _ => candle_core::bail!("decode attention runs on the CPU"),
-    }
-}
-
-/// Dot product with independent partial sums (so it vectorises).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
-    }
-    s
 }
 
 /// Attention of one new token (row `row` of `q`) over a sequence's whole cache, written to
