@@ -140,8 +140,68 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// The same computation in one pass per row for f32 on the CPU (rows in parallel when
+    /// there are many): the candle-ops version below allocates a tensor per operation, about a
+    /// dozen per call. Sums are accumulated in f64.
+    fn forward_cpu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || self.weight.dtype() != DType::F32
+            || !self.weight.is_contiguous()
+            || self.bias.as_ref().is_some_and(|b| b.dtype() != DType::F32 || !b.is_contiguous())
+        {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let dim = x.dim(D::Minus1)?;
+        if dim == 0 || self.weight.elem_count() != dim {
+            return Ok(None);
+        }
+        let eps = self.eps as f32;
+        let norm_row = |xr: &[f32], o: &mut [f32], w: &[f32], b: Option<&[f32]>| {
+            let mean = (xr.iter().map(|&v| v as f64).sum::<f64>() / dim as f64) as f32;
+            let var = (xr.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / dim as f64) as f32;
+            let den = (var + eps).sqrt();
+            for (i, (o, &v)) in o.iter_mut().zip(xr).enumerate() {
+                let y = (v - mean) / den * w[i];
+                *o = match b {
+                    Some(b) => y + b[i],
+                    None => y,
+                };
+            }
+        };
+        let y = with_f32(&x, |xs| {
+            with_f32(&self.weight, |w| {
+                let w = &w[..dim];
+                let run = |b: Option<&[f32]>| {
+                    let xs = &xs[..x.elem_count()];
+                    let mut y = vec![0f32; xs.len()];
+                    if xs.len() >= LN_PAR_MIN {
+                        y.par_chunks_mut(dim).zip(xs.par_chunks(dim)).for_each(|(o, xr)| norm_row(xr, o, w, b));
+                    } else {
+                        y.chunks_mut(dim).zip(xs.chunks(dim)).for_each(|(o, xr)| norm_row(xr, o, w, b));
+                    }
+                    y
+                };
+                match &self.bias {
+                    Some(b) => with_f32(b, |b| run(Some(&b[..dim]))),
+                    None => Ok(run(None)),
+                }
+            })
+        })???;
+        Ok(Some(Tensor::from_vec(y, x.shape(), x.device())?))
+    }
+}
+
+/// Elements from which [`LayerNorm::forward_cpu`] normalises rows in parallel.
+const LN_PAR_MIN: usize = 32 * 1024;
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cpu(x)? {
+            return Ok(y);
+        }
         // Statistics in f32 whatever the activation dtype (as torch's layer_norm does on CPU/GPU).
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
@@ -298,6 +358,30 @@ mod tests {
         assert_eq!(v[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(v[1], vec![0.0; 5]);
         assert!(causal_mask(1, 7, &Device::Cpu).unwrap().is_none());
+    }
+
+    #[test]
+    fn layer_norm_cpu_pass_matches_tensor_ops() {
+        let dev = Device::Cpu;
+        for (rows, dim, bias) in [(3usize, 40usize, true), (40, 1024, false), (1, 7, true)] {
+            let x = (Tensor::randn(0f32, 3.0, (rows, dim), &dev).unwrap() + 5.0).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, dim, &dev).unwrap();
+            let b = bias.then(|| Tensor::randn(0f32, 1.0, dim, &dev).unwrap());
+            let ln = LayerNorm { weight, bias: b, eps: 1e-5 };
+            let fused = ln.forward_cpu(&x).unwrap().expect("f32 on the CPU").to_vec2::<f32>().unwrap();
+            // The tensor-ops path, run on an f64 copy.
+            let ln64 = LayerNorm {
+                weight: ln.weight.to_dtype(DType::F64).unwrap(),
+                bias: ln.bias.as_ref().map(|b| b.to_dtype(DType::F64).unwrap()),
+                eps: 1e-5,
+            };
+            let want = ln64.forward(&x.to_dtype(DType::F64).unwrap()).unwrap().to_vec2::<f64>().unwrap();
+            for (fr, wr) in fused.iter().zip(&want) {
+                for (a, b) in fr.iter().zip(wr) {
+                    assert!((*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()), "{rows}x{dim}: {a} vs {b}");
+                }
+            }
+        }
     }
 
     #[test]
