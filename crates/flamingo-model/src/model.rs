@@ -194,8 +194,11 @@ impl Flamingo {
         if blocks.iter().any(|b| b.layers.len() != state.kv.len()) {
             return Err(Error::Invalid("prefix block from another model".into()));
         }
+        let total = capacity.max(blocks.iter().map(|b| b.len).sum());
+        for cache in state.kv.iter_mut() {
+            cache.set_min_capacity(total);
+        }
         if let Some(first) = blocks.first() {
-            let total = capacity.max(blocks.iter().map(|b| b.len).sum());
             for (cache, (k, _)) in state.kv.iter_mut().zip(&first.layers) {
                 cache.reserve(total, k)?;
             }

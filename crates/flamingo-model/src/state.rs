@@ -15,6 +15,9 @@ pub struct KvCache {
     k: Option<Tensor>,
     v: Option<Tensor>,
     len: usize,
+    /// Capacity of the first allocation (positions the sequence is expected to reach), so a
+    /// sequence does not regrow its caches while it prefills and starts decoding.
+    min_capacity: usize,
 }
 
 impl KvCache {
@@ -22,7 +25,7 @@ impl KvCache {
     /// parent) must never share a buffer.
     pub fn fork(&self) -> Result<Self> {
         let copy = |t: &Option<Tensor>| t.as_ref().map(|t| t.copy()).transpose();
-        Ok(Self { k: copy(&self.k)?, v: copy(&self.v)?, len: self.len })
+        Ok(Self { k: copy(&self.k)?, v: copy(&self.v)?, len: self.len, min_capacity: self.min_capacity })
     }
 
     pub fn len(&self) -> usize {
@@ -86,13 +89,19 @@ impl KvCache {
         Ok(())
     }
 
+    /// Sets the capacity an empty cache allocates when it is first appended to.
+    pub fn set_min_capacity(&mut self, positions: usize) {
+        self.min_capacity = positions;
+    }
+
     /// Appends `k`, `v` (`[heads, t, d]`) to the storage.
     pub fn append_only(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let t = k.dim(1)?;
         let need = self.len + t;
         let cap = self.capacity()?;
         if need > cap {
-            self.regrow(need.max(cap * 2).max(16), k)?;
+            let first = if cap == 0 { self.min_capacity } else { 0 };
+            self.regrow(need.max(cap * 2).max(16).max(first), k)?;
         }
         let (kb, vb) = match (&self.k, &self.v) {
             (Some(kb), Some(vb)) => (kb, vb),
@@ -274,6 +283,19 @@ mod tests {
         c.truncate(8);
         c.append_only(&filled(2, 16, -5.0), &filled(2, 16, -5.0)).unwrap();
         assert_eq!(k.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn first_allocation_honours_the_minimum_capacity() {
+        let mut c = KvCache::default();
+        c.set_min_capacity(70);
+        c.append_only(&filled(2, 9, 0.0), &filled(2, 9, 0.0)).unwrap();
+        assert_eq!(c.buffers().unwrap().0.dim(1).unwrap(), 70);
+        for i in 0..61 {
+            c.append_only(&filled(2, 1, i as f32), &filled(2, 1, 0.0)).unwrap();
+        }
+        assert_eq!(c.buffers().unwrap().0.dim(1).unwrap(), 70, "no regrowth up to the hint");
+        assert_eq!(c.rows(69, 1).unwrap().0.to_vec3::<f32>().unwrap(), filled(2, 1, 60.0).to_vec3::<f32>().unwrap());
     }
 
     #[test]
