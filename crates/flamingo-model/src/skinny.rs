@@ -6,7 +6,9 @@
 //! general GEMM spends much of its time packing operands: on this project's 2-core machine
 //! candle's gemm takes twice as long for 2-3 rows as for one (BENCHMARKS.md). This kernel reads
 //! each weight row once, computes its dot products with every row of `x` (which stays in cache),
-//! and splits the output rows across the thread pool.
+//! and splits the output rows across the thread pool. Tiles of 3 weight rows by up to 4 rows of
+//! `x` keep 12 accumulators in AVX2 registers, so for 8-32 rows, where the product becomes
+//! compute-bound, it still does not pack `W` (1.0-1.3x candle's gemm at 16 rows, from memory).
 //!
 //! Each output is summed in the same order whatever the number of rows, so a sequence's
 //! activations do not depend on which other sequences share its step.
@@ -19,15 +21,11 @@ pub const MAX_ROWS: usize = 32;
 /// Partial sums per dot product (one 8-lane vector).
 const LANES: usize = 8;
 
-/// Output rows (rows of `W`) per parallel task: a multiple of every tile height below, small
-/// enough for the task's slice of `W` to stay in L2 while it meets every group of `x` rows.
+/// Output rows (rows of `W`) per parallel task, a multiple of every tile height below.
 const CHUNK: usize = 48;
 
 /// Rows of `x` per group (the widest tile).
 const GROUP: usize = 4;
-
-/// Software prefetch of the next tile's weights (5-10% faster from memory at k = 1024).
-const PREFETCH: bool = true;
 
 /// `y = x · wᵀ` with `x: [m, k]`, `w: [n, k]` (row-major), returned as `[m, n]`.
 ///
@@ -142,11 +140,6 @@ unsafe fn tile_avx2<const A: usize, const B: usize>(x: &[f32], w: &[f32], k: usi
             let mut wv = [_mm256_setzero_ps(); A];
             for (a, v) in wv.iter_mut().enumerate() {
                 *v = _mm256_loadu_ps(wp.add(a * k + i));
-                if PREFETCH && i % 16 == 0 {
-                    // The same line of the next tile's rows (contiguous after this tile's).
-                    // Prefetches never fault; the pointer is only formed, never dereferenced.
-                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add((A + a) * k + i) as *const i8);
-                }
             }
             for b in 0..B {
                 let xv = _mm256_loadu_ps(xp.add(b * k + i));
