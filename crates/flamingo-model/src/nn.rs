@@ -86,6 +86,7 @@ impl Module for Linear {
 }
 
 /// Runs `f` on the f32 contents of a contiguous CPU tensor, from its start offset.
+#[inline(always)]
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     if !layout.is_contiguous() {
@@ -100,18 +101,83 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     }
 }
 
+/// The keys and values one row attends to, inside flat buffers: head `h` reads key/value head
+/// `h / rep`, whose `n` rows of `d` start at `base + (h / rep) * head_stride`.
+pub(crate) struct Keys<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub base: usize,
+    pub head_stride: usize,
+    pub n: usize,
+    pub rep: usize,
+}
+
+/// `out[h] = softmax_j(q_h · k_j · scale + slope_h · (j − (n − 1))) · v_j` for every head `h`
+/// (no bias without `slopes`), in f32: the fused attention of one row, as the batched path
+/// computes it. Compiled with AVX2 when the CPU has it (the values are the same either way:
+/// Rust does not contract `a * b + c` into fused multiply-adds).
+pub(crate) fn attend_row(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn attend_row_avx2(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]) {
+            attend_row_impl(q, keys, heads, d, scale, slopes, out)
+        }
+        if crate::skinny::has_avx2_fma() {
+            // SAFETY: the CPU has the features the function is compiled for.
+            unsafe { attend_row_avx2(q, keys, heads, d, scale, slopes, out) };
+            return;
+        }
+    }
+    attend_row_impl(q, keys, heads, d, scale, slopes, out)
+}
+
+#[inline(always)]
+fn attend_row_impl(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]) {
+    let n = keys.n;
+    let mut scores = vec![0f32; n];
+    for h in 0..heads {
+        let qh = &q[h * d..(h + 1) * d];
+        let base = keys.base + (h / keys.rep) * keys.head_stride;
+        let (kh, vh) = (&keys.k[base..base + n * d], &keys.v[base..base + n * d]);
+        let mut max = f32::NEG_INFINITY;
+        for (j, sc) in scores.iter_mut().enumerate() {
+            let mut x = dot(qh, &kh[j * d..(j + 1) * d]) * scale;
+            if let Some(sl) = slopes {
+                x += sl[h] * (j as f32 - (n - 1) as f32);
+            }
+            *sc = x;
+            max = max.max(x);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let oh = &mut out[h * d..(h + 1) * d];
+        oh.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let p = p / sum;
+            for (o, &x) in oh.iter_mut().zip(&vh[j * d..(j + 1) * d]) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
 /// Dot product with independent partial sums (so it vectorises).
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 8 * 8;
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    for (ca, cb) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] += ca[l] * cb[l];
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
+    for i in full..n {
         s += a[i] * b[i];
     }
     s

@@ -19,7 +19,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use rayon::prelude::*;
 use candle_nn::VarBuilder;
 
-use crate::nn::{attention, dot, linear, merge_heads, split_heads, with_f32, LayerNorm, Linear};
+use crate::nn::{attend_row, attention, linear, merge_heads, split_heads, with_f32, Keys, LayerNorm, Linear};
 use crate::perceiver::FeedForward;
 use crate::state::XattnKv;
 
@@ -167,36 +167,14 @@ impl GatedCrossAttentionBlock {
     }
 
     /// `softmax(q·kᵀ·scale)·v` per head for one row `q` (`inner`) over image `img`'s latents,
-    /// written to `dst` (`inner`, zeroed).
+    /// written to `dst` (`inner`).
     fn fused_row(&self, q: &[f32], kv: &XattnKv, img: usize, dst: &mut [f32]) -> Result<()> {
         let (_, heads, n, d) = kv.k.dims4()?;
         let scale = 1.0 / (d as f32).sqrt();
-        let base = img * heads * n * d;
         with_f32(&kv.k, |ks| {
             with_f32(&kv.v, |vs| {
-                let mut scores = vec![0f32; n];
-                for h in 0..heads {
-                    let qh = &q[h * d..(h + 1) * d];
-                    let kh = &ks[base + h * n * d..][..n * d];
-                    let vh = &vs[base + h * n * d..][..n * d];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        *sc = dot(qh, &kh[j * d..(j + 1) * d]) * scale;
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let oh = &mut dst[h * d..(h + 1) * d];
-                    for (j, &p) in scores.iter().enumerate() {
-                        let p = p / sum;
-                        for (o, &v) in oh.iter_mut().zip(&vh[j * d..(j + 1) * d]) {
-                            *o += p * v;
-                        }
-                    }
-                }
+                let keys = Keys { k: ks, v: vs, base: img * heads * n * d, head_stride: n * d, n, rep: 1 };
+                attend_row(q, &keys, heads, d, scale, None, dst)
             })
         })??;
         Ok(())

@@ -13,7 +13,7 @@ pub mod mpt;
 use candle_core::{DType, Device, Result, Tensor, D};
 use rayon::prelude::*;
 
-use crate::nn::{attention, causal_mask, dot, merge_heads, repeat_kv, split_heads, with_f32};
+use crate::nn::{attend_row, attention, causal_mask, merge_heads, repeat_kv, split_heads, with_f32, Keys};
 use crate::state::SequenceState;
 
 /// The sequences of one forward call: `lens[i]` new tokens of `seqs[i]`, stacked in order, each
@@ -193,41 +193,12 @@ fn decode_attention(a: &SelfAttention, q: &Tensor, row: usize, cache: &crate::st
     let (kb, vb, s) = cache.buffers().ok_or_else(|| candle_core::Error::Msg("empty kv cache".into()))?;
     let cap = kb.dim(1)?;
     let d = a.head_dim;
-    let rep = a.heads / a.kv_heads;
-    let slopes = &a.alibi_host;
-    let scale = a.scale as f32;
+    let width = a.heads * d;
     with_f32(q, |qs| {
         with_f32(kb, |ks| {
             with_f32(vb, |vs| {
-                let mut scores = vec![0f32; s];
-                for h in 0..a.heads {
-                    let kh = h / rep;
-                    let qh = &qs[row * a.heads * d + h * d..][..d];
-                    let kbase = kh * cap * d;
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in scores.iter_mut().enumerate() {
-                        let mut x = dot(qh, &ks[kbase + j * d..][..d]) * scale;
-                        if let Some(sl) = slopes {
-                            x += sl[h] * (j as f32 - (s - 1) as f32);
-                        }
-                        *sc = x;
-                        max = max.max(x);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let oh = &mut out[h * d..(h + 1) * d];
-                    oh.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let p = p / sum;
-                        let vj = &vs[kbase + j * d..][..d];
-                        for (o, &x) in oh.iter_mut().zip(vj) {
-                            *o += p * x;
-                        }
-                    }
-                }
+                let keys = Keys { k: ks, v: vs, base: 0, head_stride: cap * d, n: s, rep: a.heads / a.kv_heads };
+                attend_row(&qs[row * width..(row + 1) * width], &keys, a.heads, d, a.scale as f32, a.alibi_host.as_deref(), out)
             })
         })
     })???;
