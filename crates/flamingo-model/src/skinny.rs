@@ -10,8 +10,9 @@
 //! `x` keep 12 accumulators in AVX2 registers, so for 8-32 rows, where the product becomes
 //! compute-bound, it still does not pack `W` (1.0-1.3x candle's gemm at 16 rows, from memory).
 //!
-//! Each output is summed in the same order whatever the number of rows, so a sequence's
-//! activations do not depend on which other sequences share its step.
+//! Each output is summed in the same order whatever the number of rows, so in steps of up to
+//! [`MAX_ROWS`] rows a sequence's activations do not depend on which other sequences share the
+//! step.
 
 use rayon::prelude::*;
 
