@@ -194,14 +194,10 @@ impl Flamingo {
         if blocks.iter().any(|b| b.layers.len() != state.kv.len()) {
             return Err(Error::Invalid("prefix block from another model".into()));
         }
+        // The first append (a restored block, or the prefill) allocates all of it.
         let total = capacity.max(blocks.iter().map(|b| b.len).sum());
         for cache in state.kv.iter_mut() {
             cache.set_min_capacity(total);
-        }
-        if let Some(first) = blocks.first() {
-            for (cache, (k, _)) in state.kv.iter_mut().zip(&first.layers) {
-                cache.reserve(total, k)?;
-            }
         }
         for b in blocks {
             for (cache, (k, v)) in state.kv.iter_mut().zip(&b.layers) {

@@ -60,18 +60,7 @@ fn skinny_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let y = {
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        match (&*xs, &*ws) {
-            (candle_core::Storage::Cpu(xc), candle_core::Storage::Cpu(wc)) => {
-                let xv = &xc.as_slice::<f32>()?[xl.start_offset()..];
-                let wv = &wc.as_slice::<f32>()?[wl.start_offset()..];
-                crate::skinny::matmul_wt(xv, m, wv, n, k)
-            }
-            _ => return Ok(None),
-        }
-    };
+    let y = with_f32(&x, |xv| with_f32(w, |wv| crate::skinny::matmul_wt(xv, m, wv, n, k)))??;
     Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
 }
 

@@ -79,16 +79,6 @@ impl KvCache {
         Ok(())
     }
 
-    /// Makes room for `total` positions in one allocation (e.g. before restoring a cached
-    /// prefix block by block); `like` (`[heads, _, d]`) gives the shape and dtype of an empty
-    /// cache.
-    pub fn reserve(&mut self, total: usize, like: &Tensor) -> Result<()> {
-        if total > self.capacity()? {
-            self.regrow(total, like)?;
-        }
-        Ok(())
-    }
-
     /// Sets the capacity an empty cache allocates when it is first appended to.
     pub fn set_min_capacity(&mut self, positions: usize) {
         self.min_capacity = positions;
@@ -296,20 +286,5 @@ mod tests {
         }
         assert_eq!(c.buffers().unwrap().0.dim(1).unwrap(), 70, "no regrowth up to the hint");
         assert_eq!(c.rows(69, 1).unwrap().0.to_vec3::<f32>().unwrap(), filled(2, 1, 60.0).to_vec3::<f32>().unwrap());
-    }
-
-    #[test]
-    fn reserve_keeps_contents_and_avoids_regrowth() {
-        let mut c = KvCache::default();
-        c.append_only(&filled(2, 3, 0.0), &filled(2, 3, 0.0)).unwrap();
-        c.reserve(50, &filled(2, 1, 0.0)).unwrap();
-        let (k, _, len) = c.buffers().unwrap();
-        assert_eq!((k.dim(1).unwrap(), len), (50, 3));
-        c.append_only(&filled(2, 47, 100.0), &filled(2, 47, 100.0)).unwrap();
-        let (k2, _, len) = c.buffers().unwrap();
-        assert_eq!((k2.dim(1).unwrap(), len), (50, 50));
-        let all = c.rows(0, 50).unwrap().0;
-        let want = Tensor::cat(&[filled(2, 3, 0.0), filled(2, 47, 100.0)], 1).unwrap();
-        assert_eq!(all.to_vec3::<f32>().unwrap(), want.to_vec3::<f32>().unwrap());
     }
 }
