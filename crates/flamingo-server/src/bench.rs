@@ -149,6 +149,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    // On a compute pool as the server's engine thread runs, so the figures are the server's.
+    flamingo_engine::on_compute_pool(move || run_here(a))
+}
+
+fn run_here(a: BenchArgs) -> Result<()> {
     let spec = match a.size.as_str() {
         "mid" => RandomSpec::mid(),
         "tiny" => RandomSpec {
