@@ -8,7 +8,9 @@
 //! each weight row once, computes its dot products with every row of `x` (which stays in cache),
 //! and splits the output rows across the thread pool. Tiles of 3 weight rows by up to 4 rows of
 //! `x` keep 12 accumulators in AVX2 registers, so for 8-32 rows, where the product becomes
-//! compute-bound, it still does not pack `W` (1.0-1.3x candle's gemm at 16 rows, from memory).
+//! compute-bound, it still does not pack `W`; there the next tile's weights are prefetched while
+//! the current one meets every group of rows (at 16 rows, from memory, 0.67-0.82x the time of
+//! candle's gemm; BENCHMARKS.md).
 //!
 //! Each output is summed in the same order whatever the number of rows, so in steps of up to
 //! [`MAX_ROWS`] rows a sequence's activations do not depend on which other sequences share the

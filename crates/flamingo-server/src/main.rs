@@ -281,7 +281,7 @@ fn main() {
         None => run_serve(ServeArgs::default()),
         Some(Command::Serve(a)) => run_serve(a),
         Some(Command::Download(a)) => run_download(a),
-        Some(Command::Generate(a)) => run_generate(a),
+        Some(Command::Generate(a)) => flamingo_engine::on_compute_pool(move || run_generate(a)),
         Some(Command::Bench(a)) => bench::run(a),
     };
     if let Err(e) = res {
