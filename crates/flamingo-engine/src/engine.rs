@@ -160,3 +160,23 @@ fn handle<B: Backend>(sched: &mut Scheduler<B>, cmd: Command, waiting: &AtomicUs
         Command::Shutdown => *shutting_down = true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    fn thread_name() -> String {
+        std::thread::current().name().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn compute_pool_runs_the_closure_and_its_parallel_work_in_its_own_threads() {
+        let (inside, workers, value) = super::on_compute_pool(|| {
+            let workers: Vec<String> = (0..64).into_par_iter().map(|_| thread_name()).collect();
+            (thread_name(), workers, 7)
+        });
+        assert!(inside.starts_with("flamingo-compute-"), "{inside}");
+        assert!(workers.iter().all(|w| w.starts_with("flamingo-compute-")), "{workers:?}");
+        assert_eq!(value, 7);
+    }
+}
