@@ -90,6 +90,29 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     }
 }
 
+/// The body of a function that calls the `#[inline(always)]` function `$f` with its own
+/// arguments, compiled with AVX2 and FMA enabled when the CPU has them (so `$f`'s plain-Rust
+/// loops are vectorised 8 wide), else as it is. The values are the same either way: Rust does
+/// not contract `a * b + c` into fused multiply-adds. (A generic wrapper taking a closure does
+/// not work: the closure need not be inlined into the AVX2 function, and was not.)
+macro_rules! with_avx2 {
+    ($f:ident($($arg:ident: $ty:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $f($($arg),*)
+            }
+            if crate::skinny::has_avx2_fma() {
+                // SAFETY: the CPU has the features `avx2` is compiled for.
+                unsafe { avx2($($arg),*) };
+                return;
+            }
+        }
+        $f($($arg),*)
+    }};
+}
+
 /// The keys and values one row attends to, inside flat buffers: head `h` reads key/value head
 /// `h / rep`, whose `n` rows of `d` start at `base + (h / rep) * head_stride`.
 pub(crate) struct Keys<'a> {
@@ -106,19 +129,7 @@ pub(crate) struct Keys<'a> {
 /// computes it. Compiled with AVX2 when the CPU has it (the values are the same either way:
 /// Rust does not contract `a * b + c` into fused multiply-adds).
 pub(crate) fn attend_row(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn attend_row_avx2(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]) {
-            attend_row_impl(q, keys, heads, d, scale, slopes, out)
-        }
-        if crate::skinny::has_avx2_fma() {
-            // SAFETY: the CPU has the features the function is compiled for.
-            unsafe { attend_row_avx2(q, keys, heads, d, scale, slopes, out) };
-            return;
-        }
-    }
-    attend_row_impl(q, keys, heads, d, scale, slopes, out)
+    with_avx2!(attend_row_impl(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]))
 }
 
 #[inline(always)]
@@ -330,19 +341,7 @@ fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// [`gelu_erf`] over a slice, compiled with AVX2 when the CPU has it (same values either way).
 fn gelu_slice(x: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn gelu_avx2(x: &[f32], y: &mut [f32]) {
-            gelu_loop(x, y)
-        }
-        if crate::skinny::has_avx2_fma() {
-            // SAFETY: the CPU has the features the function is compiled for.
-            unsafe { gelu_avx2(x, y) };
-            return;
-        }
-    }
-    gelu_loop(x, y)
+    with_avx2!(gelu_loop(x: &[f32], y: &mut [f32]))
 }
 
 #[inline(always)]
