@@ -28,7 +28,7 @@ pub trait Backend: Send + 'static {
     fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String>;
     /// A deep copy of a state (beams forking from one parent).
     fn fork(&self, state: &Self::State) -> Result<Self::State, String>;
-    /// Bytes a sequence's state holds now.
+    /// Bytes a sequence's state holds or refers to now (shared parts count in full).
     fn state_bytes(&self, state: &Self::State) -> usize;
     /// Self-attention KV bytes one token adds (for admission estimates).
     fn kv_bytes_per_token(&self) -> usize;

@@ -36,7 +36,7 @@ pub fn describe() {
     describe_counter!(REQUESTS_FINISHED, "Requests finished, by reason (stop, length, error)");
     describe_counter!(REJECTIONS, "Requests refused because the waiting queue was full");
     describe_counter!(CANCELLATIONS, "Requests whose event stream was dropped before they finished");
-    describe_gauge!(KV_BYTES, Unit::Bytes, "Bytes held by running sequences' KV and cross-attention state");
+    describe_gauge!(KV_BYTES, Unit::Bytes, "Bytes of state running sequences refer to: their KV caches plus the cross-attention K/V of their images (shared with the vision cache and with other sequences showing the same images, so counted once per sequence)");
     describe_counter!(CACHE_QUERIES, "Cache lookups, by cache (vision, prefix)");
     describe_counter!(CACHE_HITS, "Cache hits, by cache (vision: images; prefix: blocks)");
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Bytes held by each cache");

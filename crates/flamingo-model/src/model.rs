@@ -26,11 +26,7 @@ pub struct MediaKv {
 
 impl MediaKv {
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|x| (x.k.elem_count() + x.v.elem_count()) * x.k.dtype().size_in_bytes())
-            .sum()
+        self.layers.iter().flatten().map(crate::state::XattnKv::bytes).sum()
     }
 }
 
@@ -149,26 +145,17 @@ impl Flamingo {
         Ok(MediaKv { layers, images: latents.dim(0)? })
     }
 
-    /// Attaches media (in order, after any already attached) by their cross-attention K/V.
+    /// Attaches media (in order, after any already attached) by their cross-attention K/V,
+    /// without copying them: the sequence shares them with `media`'s other holders (the vision
+    /// cache, other sequences).
     pub fn attach_media_kv(&self, state: &mut SequenceState, media: &[&MediaKv]) -> Result<()> {
+        if media.iter().any(|m| m.layers.len() != state.xattn.len()) {
+            return Err(Error::Invalid("media K/V from another model".into()));
+        }
         for (i, slot) in state.xattn.iter_mut().enumerate() {
-            let mut ks: Vec<&Tensor> = slot.iter().map(|x| &x.k).collect();
-            let mut vs: Vec<&Tensor> = slot.iter().map(|x| &x.v).collect();
-            for m in media {
-                match m.layers.get(i) {
-                    Some(Some(kv)) => {
-                        ks.push(&kv.k);
-                        vs.push(&kv.v);
-                    }
-                    Some(None) => {}
-                    None => return Err(Error::Invalid("media K/V from another model".into())),
-                }
+            for kv in media.iter().filter_map(|m| m.layers[i].as_ref()) {
+                slot.push(kv.clone());
             }
-            if ks.is_empty() {
-                continue;
-            }
-            let kv = crate::state::XattnKv { k: Tensor::cat(&ks, 0)?, v: Tensor::cat(&vs, 0)? };
-            *slot = Some(kv);
         }
         state.num_images += media.iter().map(|m| m.images).sum::<usize>();
         Ok(())
@@ -260,7 +247,7 @@ impl Flamingo {
                     .seqs
                     .iter()
                     .zip(&media)
-                    .map(|(st, m)| (st.xattn[i].as_ref(), m.as_slice()))
+                    .map(|(st, m)| (&st.xattn[i], m.as_slice()))
                     .collect();
                 x = block.forward(&x, &seqs)?;
             }
@@ -348,5 +335,57 @@ mod tests {
         assert_eq!(media_indices(&mut seen, &mut dec, &Input::Generated(M), M).unwrap(), vec![Some(0)]);
         assert_eq!(media_indices(&mut seen, &mut dec, &Input::Generated(5), M).unwrap(), vec![Some(0)]);
         assert!(media_indices(&mut seen, &mut dec, &Input::Prompt(&[1]), M).is_err());
+    }
+
+    /// Attached cross-attention K/V are shared with their holder (here the `MediaKv`, in the
+    /// engine the vision cache) and with every other sequence, not copied; and a sequence that
+    /// got its images in several pieces computes exactly what one that got them at once does.
+    #[test]
+    fn attached_media_kv_are_shared_and_pieces_are_exact() {
+        let spec = crate::random::RandomSpec {
+            vision_width: 64,
+            vision_layers: 1,
+            image_size: 28,
+            patch_size: 14,
+            d_model: 64,
+            n_heads: 2,
+            n_layers: 2,
+            vocab: 64,
+            cross_attn_every_n_layers: 1,
+            perceiver_depth: 1,
+        };
+        let dev = Device::Cpu;
+        let m = crate::random::build(&spec, &dev, DType::F32).unwrap();
+        let lat = Tensor::randn(0f32, 1.0, (3, 8, 64), &dev).unwrap();
+        let all = m.media_kv(&lat).unwrap();
+        let first = m.media_kv(&lat.narrow(0, 0, 2).unwrap()).unwrap();
+        let last = m.media_kv(&lat.narrow(0, 2, 1).unwrap()).unwrap();
+        let (mut one, mut other, mut pieces) = (m.new_state(), m.new_state(), m.new_state());
+        m.attach_media_kv(&mut one, &[&all]).unwrap();
+        m.attach_media_kv(&mut other, &[&all]).unwrap();
+        m.attach_media_kv(&mut pieces, &[&first]).unwrap();
+        m.attach_media_kv(&mut pieces, &[&last]).unwrap();
+        let ptr = |t: &Tensor| crate::nn::with_f32(t, |s| s.as_ptr()).unwrap();
+        let mut gated = 0;
+        for (i, kv) in all.layers.iter().enumerate() {
+            let Some(kv) = kv else { continue };
+            gated += 1;
+            for st in [&one, &other] {
+                let (held, img) = st.xattn[i].image(2).unwrap();
+                assert_eq!((ptr(&held.k), ptr(&held.v), img), (ptr(&kv.k), ptr(&kv.v), 2), "layer {i} copied");
+            }
+            let (held, img) = pieces.xattn[i].image(2).unwrap();
+            assert_eq!((ptr(&held.k), img), (ptr(&last.layers[i].as_ref().unwrap().k), 0));
+            assert!(pieces.xattn[i].image(3).is_none());
+        }
+        assert_eq!(gated, 2);
+        let media = (spec.vocab - 2) as u32;
+        let ids = [1, media, 2, 3, media, 4, media, 5];
+        let run = |st: &mut SequenceState| {
+            let p: Vec<Vec<f32>> = m.forward(&mut [&mut *st], &[Input::Prompt(&ids)], Logits::All).unwrap().to_vec2().unwrap();
+            let d: Vec<Vec<f32>> = m.forward(&mut [&mut *st], &[Input::Generated(7)], Logits::Last).unwrap().to_vec2().unwrap();
+            (p, d)
+        };
+        assert_eq!(run(&mut one), run(&mut pieces));
     }
 }

@@ -161,7 +161,7 @@ impl KvBlock {
     }
 }
 
-/// Cross-attention keys and values of one gated layer for every image of a sequence:
+/// Cross-attention keys and values of one gated layer for one or more images:
 /// `[images, heads, latents, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct XattnKv {
@@ -169,11 +169,63 @@ pub struct XattnKv {
     pub v: Tensor,
 }
 
+impl XattnKv {
+    fn images(&self) -> usize {
+        self.k.dims().first().copied().unwrap_or(0)
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        (self.k.elem_count() + self.v.elem_count()) * self.k.dtype().size_in_bytes()
+    }
+}
+
+/// The cross-attention K/V of one gated layer for all of a sequence's images, as the pieces
+/// they were attached in (image order). The pieces are not copied: a sequence shares them with
+/// the vision cache and with every other sequence that shows the same images (a tensor clone
+/// shares its storage), so sequences with common few-shot images hold one copy between them.
+#[derive(Debug, Clone, Default)]
+pub struct XattnImages {
+    pieces: Vec<XattnKv>,
+}
+
+impl XattnImages {
+    pub(crate) fn push(&mut self, piece: XattnKv) {
+        self.pieces.push(piece);
+    }
+
+    /// The piece holding image `img` (counted over all pieces) and its index in that piece.
+    pub fn image(&self, img: usize) -> Option<(&XattnKv, usize)> {
+        let mut first = 0;
+        for p in &self.pieces {
+            let n = p.images();
+            if img < first + n {
+                return Some((p, img - first));
+            }
+            first += n;
+        }
+        None
+    }
+
+    /// Images attached.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(XattnKv::images).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the pieces hold (possibly shared with others).
+    pub fn bytes(&self) -> usize {
+        self.pieces.iter().map(XattnKv::bytes).sum()
+    }
+}
+
 /// Everything one sequence carries between forward calls.
 #[derive(Debug)]
 pub struct SequenceState {
     pub(crate) kv: Vec<KvCache>,
-    pub(crate) xattn: Vec<Option<XattnKv>>,
+    pub(crate) xattn: Vec<XattnImages>,
     /// Number of images whose latents are attached.
     pub(crate) num_images: usize,
     /// `<image>` tokens consumed so far while prefilling (the cumulative `text_time`).
@@ -187,7 +239,7 @@ impl SequenceState {
     pub(crate) fn new(num_layers: usize) -> Self {
         Self {
             kv: (0..num_layers).map(|_| KvCache::default()).collect(),
-            xattn: vec![None; num_layers],
+            xattn: vec![XattnImages::default(); num_layers],
             num_images: 0,
             media_seen: 0,
             decode_media: None,
@@ -230,13 +282,11 @@ impl SequenceState {
         self.kv.iter().map(|c| c.bytes()).sum()
     }
 
-    /// Bytes held by the cross-attention K/V.
+    /// Bytes of the cross-attention K/V the sequence refers to (shared with the vision cache
+    /// and with other sequences showing the same images, so a sum over sequences counts shared
+    /// images once per sequence).
     pub fn xattn_bytes(&self) -> usize {
-        self.xattn
-            .iter()
-            .flatten()
-            .map(|x| (x.k.elem_count() + x.v.elem_count()) * x.k.dtype().size_in_bytes())
-            .sum()
+        self.xattn.iter().map(XattnImages::bytes).sum()
     }
 }
 

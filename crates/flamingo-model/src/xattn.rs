@@ -21,7 +21,7 @@ use candle_nn::VarBuilder;
 
 use crate::nn::{attend_row, attention, linear, merge_heads, split_heads, with_f32, Keys, LayerNorm, Linear};
 use crate::perceiver::FeedForward;
-use crate::state::XattnKv;
+use crate::state::{XattnImages, XattnKv};
 
 #[derive(Debug, Clone)]
 pub struct XattnConfig {
@@ -81,7 +81,7 @@ impl GatedCrossAttentionBlock {
     }
 
     /// `x`: `[rows, d]`, stacked sequences; `seqs[i] = (media kv, media index of each of its rows)`.
-    pub fn forward(&self, x: &Tensor, seqs: &[(Option<&XattnKv>, &[MediaIndex])]) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, seqs: &[(&XattnImages, &[MediaIndex])]) -> Result<Tensor> {
         let q = self.to_q.forward(&self.norm.forward(x)?)?;
         let a = if q.device().is_cpu() && q.dtype() == DType::F32 {
             self.attend_cpu(&q.contiguous()?, seqs)?
@@ -94,7 +94,7 @@ impl GatedCrossAttentionBlock {
     }
 
     /// Runs of rows attending to the same image: `(first row, rows, image, sequence)`.
-    fn runs(seqs: &[(Option<&XattnKv>, &[MediaIndex])]) -> Vec<(usize, usize, MediaIndex, usize)> {
+    fn runs(seqs: &[(&XattnImages, &[MediaIndex])]) -> Vec<(usize, usize, MediaIndex, usize)> {
         let mut runs = Vec::new();
         let mut row = 0;
         for (s, (_, media)) in seqs.iter().enumerate() {
@@ -114,17 +114,27 @@ impl GatedCrossAttentionBlock {
     }
 
     /// The attention output `[rows, inner]` with candle ops, one run at a time.
-    fn attend(&self, q: &Tensor, seqs: &[(Option<&XattnKv>, &[MediaIndex])]) -> Result<Tensor> {
+    fn attend(&self, q: &Tensor, seqs: &[(&XattnImages, &[MediaIndex])]) -> Result<Tensor> {
         let inner = self.heads * self.dim_head;
         let mut parts = Vec::new();
         for (row, len, m, s) in Self::runs(seqs) {
-            parts.push(match (m, seqs[s].0) {
-                (Some(img), Some(kv)) => self.attend_run(q, row, len, kv, img)?,
-                (Some(img), None) => candle_core::bail!("token attends to image {img} but no images are attached"),
-                (None, _) => Tensor::zeros((len, inner), q.dtype(), q.device())?,
+            parts.push(match m {
+                Some(img) => {
+                    let (kv, img) = Self::image(seqs[s].0, img)?;
+                    self.attend_run(q, row, len, kv, img)?
+                }
+                None => Tensor::zeros((len, inner), q.dtype(), q.device())?,
             });
         }
         Tensor::cat(&parts, 0)
+    }
+
+    /// The K/V piece holding a sequence's image `img`, and the image's index in it.
+    fn image(kv: &XattnImages, img: usize) -> Result<(&XattnKv, usize)> {
+        match kv.image(img) {
+            Some(found) => Ok(found),
+            None => candle_core::bail!("token attends to image {img} but {} images are attached", kv.len()),
+        }
     }
 
     fn attend_run(&self, q: &Tensor, row: usize, len: usize, kv: &XattnKv, img: usize) -> Result<Tensor> {
@@ -136,15 +146,14 @@ impl GatedCrossAttentionBlock {
     /// [`Self::attend`] on the CPU in f32: rows of runs of up to [`FUSED_MAX_RUN`] rows (decode
     /// steps, short prefill chunks) in a fused loop over the image's keys, in parallel; longer
     /// runs with candle ops.
-    fn attend_cpu(&self, q: &Tensor, seqs: &[(Option<&XattnKv>, &[MediaIndex])]) -> Result<Tensor> {
+    fn attend_cpu(&self, q: &Tensor, seqs: &[(&XattnImages, &[MediaIndex])]) -> Result<Tensor> {
         let (rows, inner) = q.dims2()?;
         let mut out = vec![0f32; rows * inner];
         let mut fused: Vec<Option<(&XattnKv, usize)>> = vec![None; rows];
         for (row, len, m, s) in Self::runs(seqs) {
-            let (img, kv) = match (m, seqs[s].0) {
-                (Some(img), Some(kv)) => (img, kv),
-                (Some(img), None) => candle_core::bail!("token attends to image {img} but no images are attached"),
-                (None, _) => continue, // exactly zero
+            let (kv, img) = match m {
+                Some(img) => Self::image(seqs[s].0, img)?,
+                None => continue, // exactly zero
             };
             if len <= FUSED_MAX_RUN && kv.k.is_contiguous() && kv.v.is_contiguous() {
                 let (t, heads, _, d) = kv.k.dims4()?;
@@ -200,16 +209,25 @@ mod tests {
         let cfg = XattnConfig { dim: 64, dim_visual: 48, heads: 4, dim_head: 16, ff_mult: 2 };
         let block = GatedCrossAttentionBlock::new(&cfg, vb).unwrap();
         let latents = Tensor::randn(0f32, 1.0, (3, 5, 48), &dev).unwrap();
-        let kv = block.media_kv(&latents).unwrap();
+        // All three images in one piece, and the same images attached as two pieces (2 + 1).
+        let mut one = XattnImages::default();
+        one.push(block.media_kv(&latents).unwrap());
+        let mut two = XattnImages::default();
+        two.push(block.media_kv(&latents.narrow(0, 0, 2).unwrap()).unwrap());
+        two.push(block.media_kv(&latents.narrow(0, 2, 1).unwrap()).unwrap());
         let long = FUSED_MAX_RUN + 3;
         let a: Vec<MediaIndex> = vec![None, None, Some(0), Some(0), Some(1), Some(2)];
         let b: Vec<MediaIndex> = vec![Some(2)];
         let c: Vec<MediaIndex> = vec![Some(1); long];
         let rows = a.len() + b.len() + c.len();
-        let seqs: Vec<(Option<&XattnKv>, &[MediaIndex])> = vec![(Some(&kv), &a), (Some(&kv), &b), (Some(&kv), &c)];
         let q = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
-        let fused = block.attend_cpu(&q, &seqs).unwrap().to_vec2::<f32>().unwrap();
-        let plain = block.attend(&q, &seqs).unwrap().to_vec2::<f32>().unwrap();
+        let run = |kv: &XattnImages| {
+            let seqs: Vec<(&XattnImages, &[MediaIndex])> = vec![(kv, &a), (kv, &b), (kv, &c)];
+            let fused = block.attend_cpu(&q, &seqs).unwrap().to_vec2::<f32>().unwrap();
+            let plain = block.attend(&q, &seqs).unwrap().to_vec2::<f32>().unwrap();
+            (fused, plain)
+        };
+        let (fused, plain) = run(&one);
         for (r, (f, p)) in fused.iter().zip(&plain).enumerate() {
             for (x, y) in f.iter().zip(p) {
                 assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "row {r}: {x} vs {y}");
@@ -217,5 +235,17 @@ mod tests {
         }
         // Text before the first image attends to nothing.
         assert!(fused[0].iter().chain(&fused[1]).all(|&v| v == 0.0));
+        // The pieces find the same images (`to_kv` works row by row, so the K/V are the same
+        // values whichever images are projected together).
+        let (fused2, plain2) = run(&two);
+        assert_eq!(fused, fused2);
+        assert_eq!(plain, plain2);
+        // An image that is not attached is an error, not a panic.
+        let bad: Vec<MediaIndex> = vec![Some(3)];
+        for kv in [&one, &two] {
+            let q1 = q.narrow(0, 0, 1).unwrap();
+            assert!(block.attend_cpu(&q1, &[(kv, &bad)]).is_err());
+            assert!(block.attend(&q1, &[(kv, &bad)]).is_err());
+        }
     }
 }
