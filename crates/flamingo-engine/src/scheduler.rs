@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use flamingo_model::generate::{apply_repetition_penalty, log_softmax, reorder_beams, BeamSearch, FinishReason, Sampler, Strategy};
 use flamingo_model::Input;
+use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::Backend;
@@ -526,26 +527,48 @@ impl<B: Backend> Scheduler<B> {
 
         // 5. Sample and report per sequence.
         let now = Instant::now();
+        // Each sequence's rows of logits: one per beam while decoding, one after a prompt chunk.
         let mut rows = logits.into_iter();
+        let groups: Vec<Vec<Vec<f32>>> = self
+            .running
+            .iter()
+            .zip(&planned)
+            .map(|(s, &n)| {
+                let take = match n {
+                    0 => 0,
+                    n if s.decode_rows() > 0 => n,
+                    _ => 1,
+                };
+                rows.by_ref().take(take).collect()
+            })
+            .collect();
+        // The sequences that get a token now choose it in parallel: sampling is per-sequence
+        // work over the whole vocabulary (~1.7 ms per token for top-p over 50k logits), which
+        // run one after another would leave the other cores idle at every step.
+        let picks: Vec<Option<TokenEvent>> = self
+            .running
+            .par_iter_mut()
+            .zip(groups.par_iter().zip(planned.par_iter()))
+            .map(|(s, (group, &n))| {
+                let first_token = s.decode_rows() > 0 || s.prefilled + n >= s.req.prompt.len();
+                match group.first() {
+                    Some(row) if n > 0 && s.beams.is_none() && first_token => Some(pick(s, row)),
+                    _ => None,
+                }
+            })
+            .collect();
         // Per running sequence: None = continues, Some(true) = finished, Some(false) = cancelled.
         let mut done: Vec<Option<bool>> = vec![None; self.running.len()];
         let block = self.cfg.block_size;
-        for (i, s) in self.running.iter_mut().enumerate() {
+        for (i, (s, (group, pick))) in self.running.iter_mut().zip(groups.into_iter().zip(picks)).enumerate() {
             let n = planned[i];
             if n == 0 {
                 continue;
             }
-            let decoding = s.decode_rows() > 0;
-            let mut group: Vec<Vec<f32>> = Vec::new();
-            for _ in 0..if decoding { n } else { 1 } {
-                match rows.next() {
-                    Some(r) => group.push(r),
-                    None => break,
-                }
-            }
             if group.is_empty() {
                 break;
             }
+            let decoding = s.decode_rows() > 0;
             if !decoding {
                 s.prefilled += n;
                 if s.prefilled < s.req.prompt.len() {
@@ -585,26 +608,11 @@ impl<B: Backend> Scheduler<B> {
                 done[i] = beam_step(&self.backend, s, group, decoding);
                 continue;
             }
-            let row = group.swap_remove(0);
-            // Only the repetition penalty reads the history; avoid copying it otherwise.
-            let tok = if s.req.sampling.repetition_penalty == 1.0 {
-                s.sampler.next(&row, &[])
-            } else {
-                let mut history = s.req.prompt.clone();
-                history.extend_from_slice(&s.generated);
-                s.sampler.next(&row, &history)
+            let Some(ev) = pick else {
+                // Not reached: every sequence that gets here had its token picked above.
+                continue;
             };
-            let mut ev = TokenEvent { id: tok, logprob: None, top_logprobs: Vec::new() };
-            if let Some(k) = s.req.sampling.logprobs {
-                let lp = log_softmax(&row);
-                ev.logprob = lp.get(tok as usize).copied();
-                let mut idx: Vec<usize> = (0..lp.len()).collect();
-                let k = k.min(lp.len());
-                idx.select_nth_unstable_by(k.saturating_sub(1).min(lp.len() - 1), |&a, &b| lp[b].total_cmp(&lp[a]));
-                let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i as u32, lp[i])).collect();
-                top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                ev.top_logprobs = top;
-            }
+            let tok = ev.id;
             match s.last_token {
                 None => {
                     metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record((now - s.submitted).as_secs_f64());
@@ -670,6 +678,32 @@ impl<B: Backend> Scheduler<B> {
     pub fn running_ids(&self) -> Vec<u64> {
         self.running.iter().map(|s| s.id).collect()
     }
+}
+
+/// Chooses a sequence's next token from its row of logits (sampling or greedy, with the
+/// repetition penalty over prompt and generated ids), with its log-probability and the top
+/// log-probabilities when the request asks for them.
+fn pick<S>(s: &mut Sequence<S>, row: &[f32]) -> TokenEvent {
+    // Only the repetition penalty reads the history; avoid copying it otherwise.
+    let tok = if s.req.sampling.repetition_penalty == 1.0 {
+        s.sampler.next(row, &[])
+    } else {
+        let mut history = s.req.prompt.clone();
+        history.extend_from_slice(&s.generated);
+        s.sampler.next(row, &history)
+    };
+    let mut ev = TokenEvent { id: tok, logprob: None, top_logprobs: Vec::new() };
+    if let Some(k) = s.req.sampling.logprobs {
+        let lp = log_softmax(row);
+        ev.logprob = lp.get(tok as usize).copied();
+        let mut idx: Vec<usize> = (0..lp.len()).collect();
+        let k = k.min(lp.len());
+        idx.select_nth_unstable_by(k.saturating_sub(1).min(lp.len() - 1), |&a, &b| lp[b].total_cmp(&lp[a]));
+        let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i as u32, lp[i])).collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        ev.top_logprobs = top;
+    }
+    ev
 }
 
 /// Advances one request's beam search with its rows of logits (one row right after the prompt,

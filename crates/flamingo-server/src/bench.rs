@@ -10,6 +10,7 @@ use clap::Args;
 use flamingo_engine::{media_key, Event, EngineConfig, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest};
 use flamingo_model::candle::{DType, Device, Tensor};
 use flamingo_model::random::{build, RandomSpec};
+use flamingo_model::generate::Strategy;
 use flamingo_model::Flamingo;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -31,6 +32,10 @@ pub struct BenchArgs {
     /// Which measurements to run: any of `decode`, `prefix`, `vision`.
     #[arg(long, value_delimiter = ',', default_value = "decode,prefix,vision")]
     sections: Vec<Section>,
+    /// Sample every token at temperature 1 with this top-p (seeded) instead of
+    /// greedy decoding, to include sampling's cost in the figures.
+    #[arg(long)]
+    top_p: Option<f32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,6 +50,7 @@ struct Bench {
     media: u32,
     eoc: u32,
     vocab: u32,
+    top_p: Option<f32>,
 }
 
 fn image(seed: u64, size: usize) -> Result<PreparedMedia> {
@@ -57,7 +63,13 @@ impl Bench {
         Ok(ValidRequest::new(
             prompt,
             media,
-            SamplingParams::default(),
+            match self.top_p {
+                Some(p) => SamplingParams {
+                    strategy: Strategy::Sample { temperature: 1.0, top_k: None, top_p: Some(p), seed: 0 },
+                    ..SamplingParams::default()
+                },
+                None => SamplingParams::default(),
+            },
             // No stop token: every request runs to its length.
             StopParams { max_new_tokens: max_new, stop_token_ids: vec![] },
             self.media,
@@ -184,7 +196,7 @@ fn run_here(a: BenchArgs) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     let cfg = model.config().clone();
-    let b = Bench { model, media: cfg.media_token_id, eoc: cfg.eoc_token_id, vocab: cfg.vocab_rows as u32 };
+    let b = Bench { model, media: cfg.media_token_id, eoc: cfg.eoc_token_id, vocab: cfg.vocab_rows as u32, top_p: a.top_p };
 
     if a.sections.contains(&Section::Decode) {
         decode_table(&b, &a)?;
@@ -208,7 +220,11 @@ fn decode_table(b: &Bench, a: &BenchArgs) -> Result<()> {
             runs[i].push(b.decode_throughput(n, a.decode_steps)?);
         }
     }
-    println!("\n## Aggregate decode throughput ({} steps, median of {rounds} interleaved rounds)\n", a.decode_steps);
+    let mode = match a.top_p {
+        Some(p) => format!("sampling at temperature 1, top-p {p}"),
+        None => "greedy".to_string(),
+    };
+    println!("\n## Aggregate decode throughput ({} steps, {mode}, median of {rounds} interleaved rounds)\n", a.decode_steps);
     println!("| sequences | tokens/s | vs first | rounds (tokens/s) |");
     println!("|---|---|---|---|");
     let mut base = None;
