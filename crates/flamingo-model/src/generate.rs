@@ -133,6 +133,10 @@ impl Sampler {
 
     /// Chooses the next token from raw logits, given every id so far (prompt + generated).
     pub fn next(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        if self.rng.is_none() && self.repetition_penalty == 1.0 {
+            // Greedy with nothing to change in the logits: no copy of the vocabulary's row.
+            return argmax(logits);
+        }
         let mut l = logits.to_vec();
         apply_repetition_penalty(&mut l, history, self.repetition_penalty);
         match (&self.strategy, self.rng.as_mut()) {
