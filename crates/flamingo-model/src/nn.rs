@@ -126,137 +126,10 @@ pub(crate) struct Keys<'a> {
 
 /// `out[h] = softmax_j(q_h · k_j · scale + slope_h · (j − (n − 1))) · v_j` for every head `h`
 /// (no bias without `slopes`), in f32: the fused attention of one row, as the batched path
-/// computes it.
-///
-/// With AVX2 and a head size that is a multiple of 8, [`attend_row_avx2`] computes the same
-/// values (bitwise) 1.2-1.4x faster (16 heads of 64, 30-512 keys); otherwise
-/// [`attend_row_plain`].
+/// computes it. Compiled with AVX2 when the CPU has it (the values are the same either way:
+/// Rust does not contract `a * b + c` into fused multiply-adds).
 pub(crate) fn attend_row(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let fits = d > 0
-            && d.is_multiple_of(8)
-            && q.len() >= heads * d
-            && out.len() >= heads * d
-            && (heads == 0 || keys.rep > 0 && keys.base + ((heads - 1) / keys.rep) * keys.head_stride + keys.n * d <= keys.k.len().min(keys.v.len()))
-            && slopes.is_none_or(|s| s.len() >= heads);
-        if fits && crate::skinny::has_avx2_fma() {
-            // SAFETY: the CPU has AVX2; the slices hold what the checks above say.
-            unsafe { attend_row_avx2(q, keys, heads, d, scale, slopes, out) };
-            return;
-        }
-    }
-    attend_row_plain(q, keys, heads, d, scale, slopes, out)
-}
-
-/// [`attend_row`] in plain Rust (vectorised by the compiler, with AVX2 when the CPU has it;
-/// the values are the same either way: Rust does not contract `a * b + c` into fused
-/// multiply-adds).
-pub(crate) fn attend_row_plain(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]) {
     with_avx2!(attend_row_impl(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]))
-}
-
-/// The dot products of `q` (`d` long) with `B` consecutive rows of `k`, as [`dot`] computes each
-/// (eight lane sums of products, then the lanes added in order), the rows side by side so that
-/// their chains of additions overlap.
-///
-/// # Safety
-/// AVX2 (inlined into [`attend_row_avx2`]); `d` is a multiple of 8; `q` points at `d` floats
-/// and `k` at `B * d`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn dots_avx2<const B: usize>(q: *const f32, k: *const f32, d: usize) -> [f32; B] {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm256_setzero_ps(); B];
-    for c in 0..d / 8 {
-        // SAFETY: c * 8 + 8 <= d, inside `q` and each row of `k`.
-        unsafe {
-            let qv = _mm256_loadu_ps(q.add(c * 8));
-            for (t, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, _mm256_loadu_ps(k.add(t * d + c * 8))));
-            }
-        }
-    }
-    let mut out = [0f32; B];
-    for (o, a) in out.iter_mut().zip(&acc) {
-        let mut lanes = [0f32; 8];
-        // SAFETY: `lanes` holds 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
-        *o = lanes.iter().sum();
-    }
-    out
-}
-
-/// [`attend_row_plain`]'s arithmetic, operation for operation, arranged for the CPU: the dot
-/// products of four keys at a time (four independent chains of additions instead of one
-/// after another) and the weighted sum of values kept in registers over all keys (instead of
-/// loading and storing the output row once per key). Each score is still the eight lane sums
-/// of `q · k` (multiply, then add) added lane by lane in order, and each output element still
-/// `0 + p_0·v_0 + p_1·v_1 + …` in key order, so the results are bitwise those of
-/// [`attend_row_plain`] (tested).
-///
-/// # Safety
-/// The CPU must have AVX2; `d` is a nonzero multiple of 8; `q` and `out` hold `heads * d`
-/// values, `slopes` (if any) `heads`; every head's `n` keys and values of `d` lie inside
-/// `keys.k` and `keys.v`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_row_avx2(q: &[f32], keys: &Keys, heads: usize, d: usize, scale: f32, slopes: Option<&[f32]>, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = keys.n;
-    let chunks = d / 8;
-    let mut scores = vec![0f32; n];
-    for h in 0..heads {
-        let qh = &q[h * d..(h + 1) * d];
-        let base = keys.base + (h / keys.rep) * keys.head_stride;
-        let (kh, vh) = (&keys.k[base..base + n * d], &keys.v[base..base + n * d]);
-        let bias = |j: usize| slopes.map(|sl| sl[h] * (j as f32 - (n - 1) as f32));
-        let mut max = f32::NEG_INFINITY;
-        let mut j = 0;
-        while j < n {
-            // SAFETY: keys j..j + 4 (or j) are below n, each d long inside `kh`; qh holds d.
-            let (dots, block) = if j + 4 <= n {
-                (unsafe { dots_avx2::<4>(qh.as_ptr(), kh.as_ptr().add(j * d), d) }, 4)
-            } else {
-                let [x] = unsafe { dots_avx2::<1>(qh.as_ptr(), kh.as_ptr().add(j * d), d) };
-                ([x, 0.0, 0.0, 0.0], 1)
-            };
-            for (t, &dot) in dots.iter().enumerate().take(block) {
-                let mut x = dot * scale;
-                if let Some(b) = bias(j + t) {
-                    x += b;
-                }
-                scores[j + t] = x;
-                max = max.max(x);
-            }
-            j += block;
-        }
-        let mut sum = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        // Up to 8 vectors (64 columns) of the output at a time, in registers over all keys.
-        let oh = &mut out[h * d..(h + 1) * d];
-        let mut c0 = 0;
-        while c0 < chunks {
-            let width = (chunks - c0).min(8);
-            let mut o = [_mm256_setzero_ps(); 8];
-            for (j, &p) in scores.iter().enumerate() {
-                let pv = _mm256_set1_ps(p / sum);
-                for (c, ov) in o.iter_mut().enumerate().take(width) {
-                    // SAFETY: (c0 + c) * 8 + 8 <= d and j < n.
-                    let vv = unsafe { _mm256_loadu_ps(vh.as_ptr().add(j * d + (c0 + c) * 8)) };
-                    *ov = _mm256_add_ps(*ov, _mm256_mul_ps(pv, vv));
-                }
-            }
-            for (c, ov) in o.iter().enumerate().take(width) {
-                // SAFETY: (c0 + c) * 8 + 8 <= d = oh.len().
-                unsafe { _mm256_storeu_ps(oh.as_mut_ptr().add((c0 + c) * 8), *ov) };
-            }
-            c0 += width;
-        }
-    }
 }
 
 #[inline(always)]
@@ -639,32 +512,6 @@ mod tests {
         assert_eq!(v[0], vec![0.0, 0.0, 0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(v[1], vec![0.0; 5]);
         assert!(causal_mask(1, 7, &Device::Cpu).unwrap().is_none());
-    }
-
-    #[test]
-    fn attend_row_is_bitwise_the_plain_loop() {
-        let val = |i: usize, seed: usize| (((i * 2654435761 + seed * 40503) % 2001) as f32 / 1000.0 - 1.0) * 1.5;
-        // Head sizes with 1-8+ vectors per output block, key counts around the blocks of 4,
-        // grouped-query heads (rep 2), ALiBi or none, and an offset into the buffers.
-        for (heads, d, rep, base) in [(4usize, 64usize, 1usize, 0usize), (2, 8, 1, 3), (4, 128, 2, 16), (3, 80, 1, 0), (1, 136, 1, 5)] {
-            for n in [0usize, 1, 3, 4, 5, 8, 9, 31, 70] {
-                let stride = (n + 2) * d;
-                let len = base + heads.div_ceil(rep) * stride;
-                let k: Vec<f32> = (0..len).map(|i| val(i, 1)).collect();
-                let v: Vec<f32> = (0..len).map(|i| val(i, 2)).collect();
-                let q: Vec<f32> = (0..heads * d).map(|i| val(i, 3) * 2.0).collect();
-                let slopes: Vec<f32> = (0..heads).map(|h| 0.5f32.powi(h as i32 + 1)).collect();
-                let keys = Keys { k: &k, v: &v, base, head_stride: stride, n, rep };
-                for sl in [None, Some(slopes.as_slice())] {
-                    let mut want = vec![f32::NAN; heads * d];
-                    attend_row_plain(&q, &keys, heads, d, 0.125, sl, &mut want);
-                    let mut got = vec![f32::NAN; heads * d];
-                    attend_row(&q, &keys, heads, d, 0.125, sl, &mut got);
-                    let (w, g): (Vec<u32>, Vec<u32>) = (want.iter().map(|x| x.to_bits()).collect(), got.iter().map(|x| x.to_bits()).collect());
-                    assert_eq!(g, w, "heads {heads} d {d} rep {rep} n {n} alibi {}", sl.is_some());
-                }
-            }
-        }
     }
 
     #[test]
