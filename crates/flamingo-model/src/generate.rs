@@ -189,8 +189,8 @@ fn top_p_filter(l: &mut [f32], p: f32) {
 
 /// Indices of `l` in ascending order of [`f32::total_cmp`], equal values in index order (what a
 /// stable sort gives): each value's order-preserving 32-bit key and its index packed into one
-/// `u64` and sorted as integers, ~4x faster than a stable sort of indices by a comparison of the
-/// values they point at (3 ms per token for 50k logits).
+/// `u64` and sorted as integers. A stable sort of indices by a comparison of the values they
+/// point at made top-p take 3.0 ms per token over 50k logits; with this, 1.7 ms.
 fn ascending(l: &[f32]) -> Vec<usize> {
     let mut keys: Vec<u64> = l
         .iter()
