@@ -560,7 +560,7 @@ impl<B: Backend> Scheduler<B> {
         // Per running sequence: None = continues, Some(true) = finished, Some(false) = cancelled.
         let mut done: Vec<Option<bool>> = vec![None; self.running.len()];
         let block = self.cfg.block_size;
-        for (i, (s, (group, pick))) in self.running.iter_mut().zip(groups.into_iter().zip(picks)).enumerate() {
+        for (i, (s, (group, picked))) in self.running.iter_mut().zip(groups.into_iter().zip(picks)).enumerate() {
             let n = planned[i];
             if n == 0 {
                 continue;
@@ -608,9 +608,11 @@ impl<B: Backend> Scheduler<B> {
                 done[i] = beam_step(&self.backend, s, group, decoding);
                 continue;
             }
-            let Some(ev) = pick else {
-                // Not reached: every sequence that gets here had its token picked above.
-                continue;
+            // Every sequence that gets here had its token picked above; should that ever differ,
+            // pick it now rather than leave the sequence without a next token.
+            let ev = match picked {
+                Some(ev) => ev,
+                None => pick(s, &group[0]),
             };
             let tok = ev.id;
             match s.last_token {
