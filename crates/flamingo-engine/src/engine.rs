@@ -11,8 +11,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::backend::Backend;
 use crate::metrics as m;
 use crate::request::{Event, ValidRequest};
-pub use crate::scheduler::SchedulerConfig as EngineConfig;
 use crate::scheduler::Scheduler;
+pub use crate::scheduler::SchedulerConfig as EngineConfig;
 use crate::EngineError;
 
 /// The events of one request. Dropping it cancels the request at the next step.

@@ -27,7 +27,7 @@ mod scheduler;
 pub use backend::Backend;
 pub use cache::LruBytes;
 pub use engine::{on_compute_pool, Engine, EngineConfig, EngineStats, EventStream};
-pub use request::{media_key, Event, MediaKey, MAX_BEAMS, PreparedMedia, SamplingParams, StopParams, TokenEvent, Usage, ValidRequest};
+pub use request::{media_key, Event, MediaKey, PreparedMedia, SamplingParams, StopParams, TokenEvent, Usage, ValidRequest, MAX_BEAMS};
 pub use scheduler::{Scheduler, StepReport};
 
 /// Errors a caller of the engine sees.

@@ -124,9 +124,14 @@ pub enum Event {
     /// The prompt is in the KV cache (sent once, before the first token): how many of its
     /// tokens came from the prefix cache. Lets a caller that stops early (a stop string) still
     /// report usage.
-    Prefilled { cached_tokens: usize },
+    Prefilled {
+        cached_tokens: usize,
+    },
     Token(TokenEvent),
-    Finished { reason: FinishReason, usage: Usage },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
     /// The request failed inside the engine; nothing more follows.
     Error(String),
 }

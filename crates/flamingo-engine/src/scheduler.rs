@@ -260,7 +260,13 @@ impl<B: Backend> Scheduler<B> {
     /// The cached child of `parent` sharing the longest prefix with `rest` (tokens and the
     /// images they introduce): `(hash, rows, media tokens in those rows)`. Forgets children
     /// that were evicted.
-    fn best_child(&mut self, parent: &BlockHash, rest: &[u32], keys: &[MediaKey], media_token: Option<u32>) -> Option<(BlockHash, usize, usize)> {
+    fn best_child(
+        &mut self,
+        parent: &BlockHash,
+        rest: &[u32],
+        keys: &[MediaKey],
+        media_token: Option<u32>,
+    ) -> Option<(BlockHash, usize, usize)> {
         let prefix = &self.prefix;
         let kids = self.children.get_mut(parent)?;
         kids.retain(|c| prefix.contains(&c.hash));
@@ -633,11 +639,8 @@ impl<B: Backend> Scheduler<B> {
                 None
             };
             if let Some(reason) = finish {
-                let usage = Usage {
-                    prompt_tokens: s.req.prompt.len(),
-                    completion_tokens: s.generated.len(),
-                    cached_tokens: s.cached_tokens,
-                };
+                let usage =
+                    Usage { prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), cached_tokens: s.cached_tokens };
                 let _ = s.tx.send(Event::Finished { reason, usage });
                 let label = if reason == FinishReason::Stop { "stop" } else { "length" };
                 metrics::counter!(m::REQUESTS_FINISHED, "reason" => label).increment(1);

@@ -3,9 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use flamingo_engine::{
-    media_key, Backend, EngineError, Event, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest,
-};
+use flamingo_engine::{media_key, Backend, EngineError, Event, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest};
 use flamingo_model::candle::{Device, Tensor};
 use flamingo_model::generate::{FinishReason, Strategy};
 use flamingo_model::Input;
@@ -320,16 +318,39 @@ fn stop_token_and_length_finish_reasons() {
     let mut rx = vec![submit(&mut s, request(prompt(5, 1), vec![], 2))];
     let out = drain(&mut s, &mut rx);
     assert_eq!(out[0].0.len(), 2);
-    assert!(matches!(out[0].1, Some(Event::Finished { reason: FinishReason::Length, usage }) if usage.completion_tokens == 2 && usage.prompt_tokens == 5));
+    assert!(
+        matches!(out[0].1, Some(Event::Finished { reason: FinishReason::Length, usage }) if usage.completion_tokens == 2 && usage.prompt_tokens == 5)
+    );
     let _ = Strategy::Greedy;
 }
 
 #[test]
 fn invalid_requests_are_refused_before_the_queue() {
-    let bad = ValidRequest::new(vec![MEDIA, 1], vec![], SamplingParams::default(), StopParams { max_new_tokens: 3, stop_token_ids: vec![] }, MEDIA, VOCAB);
+    let bad = ValidRequest::new(
+        vec![MEDIA, 1],
+        vec![],
+        SamplingParams::default(),
+        StopParams { max_new_tokens: 3, stop_token_ids: vec![] },
+        MEDIA,
+        VOCAB,
+    );
     assert!(matches!(bad, Err(EngineError::Invalid(e)) if e.contains("1 <image> tokens but 0 images")));
-    let bad = ValidRequest::new(vec![500], vec![], SamplingParams::default(), StopParams { max_new_tokens: 3, stop_token_ids: vec![] }, MEDIA, VOCAB);
+    let bad = ValidRequest::new(
+        vec![500],
+        vec![],
+        SamplingParams::default(),
+        StopParams { max_new_tokens: 3, stop_token_ids: vec![] },
+        MEDIA,
+        VOCAB,
+    );
     assert!(bad.is_err());
-    let bad = ValidRequest::new(vec![1], vec![], SamplingParams::default(), StopParams { max_new_tokens: 0, stop_token_ids: vec![] }, MEDIA, VOCAB);
+    let bad = ValidRequest::new(
+        vec![1],
+        vec![],
+        SamplingParams::default(),
+        StopParams { max_new_tokens: 0, stop_token_ids: vec![] },
+        MEDIA,
+        VOCAB,
+    );
     assert!(bad.is_err());
 }

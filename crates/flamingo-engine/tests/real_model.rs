@@ -127,12 +127,7 @@ fn engine_greedy_matches_reference_alone_and_in_a_batch_of_32() {
 fn cache_hits_give_identical_tokens() {
     let (l, exp) = load("mosaicgpt_x1");
     let p3 = &exp["prompts"][1];
-    let r = Req {
-        prompt: ids(&p3["input_ids"]),
-        images: vec!["chelsea.png", "coffee.png", "camera.png"],
-        sampling: greedy(),
-        max_new: 12,
-    };
+    let r = Req { prompt: ids(&p3["input_ids"]), images: vec!["chelsea.png", "coffee.png", "camera.png"], sampling: greedy(), max_new: 12 };
     let stop = vec![l.tokenizer.eoc_token_id()];
     let cfg = EngineConfig { block_size: 8, ..Default::default() };
     let engine = Engine::start(load("mosaicgpt_x1").0.model, cfg, Some(l.tokenizer.media_token_id()));
@@ -179,7 +174,9 @@ fn a_prompt_diverging_mid_block_reuses_the_shared_rows_exactly() {
     let (_, fin) = collect(engine.submit(build(&l, &third, stop)).unwrap());
     let last_image = ids(&p3["input_ids"]).iter().rposition(|&t| t == l.tokenizer.media_token_id()).unwrap();
     match fin {
-        Event::Finished { usage, .. } => assert!(usage.cached_tokens <= last_image, "{} cached past the changed image at {last_image}", usage.cached_tokens),
+        Event::Finished { usage, .. } => {
+            assert!(usage.cached_tokens <= last_image, "{} cached past the changed image at {last_image}", usage.cached_tokens)
+        }
         other => panic!("{other:?}"),
     }
 }

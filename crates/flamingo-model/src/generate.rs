@@ -550,11 +550,7 @@ fn beam_generate(
     let best = search.best();
     let stopped = best.tokens.last().is_some_and(|t| cfg.stop_token_ids.contains(t));
     let (text, _) = finish_text(tokenizer, &best.tokens, &cfg.stop_strings)?;
-    Ok(Generation {
-        token_ids: best.tokens,
-        text,
-        finish_reason: if stopped { FinishReason::Stop } else { FinishReason::Length },
-    })
+    Ok(Generation { token_ids: best.tokens, text, finish_reason: if stopped { FinishReason::Stop } else { FinishReason::Length } })
 }
 
 #[cfg(test)]

@@ -116,8 +116,7 @@ fn vision_config(path: &Path, ov: &Overrides) -> Result<VisionConfig> {
     };
     let cfg: OpenClipConfig = serde_json::from_value(raw).map_err(|e| Error::file(path, format!("invalid open_clip config: {e}")))?;
     let v = cfg.vision_cfg.ok_or_else(|| Error::file(path, "no vision_cfg"))?;
-    let mut vc = VisionConfig::from_open_clip(&v, ov.vision.quick_gelu.unwrap_or(cfg.quick_gelu))
-        .map_err(|e| Error::file(path, e))?;
+    let mut vc = VisionConfig::from_open_clip(&v, ov.vision.quick_gelu.unwrap_or(cfg.quick_gelu)).map_err(|e| Error::file(path, e))?;
     vc.ln_post_on_tokens = ov.vision.ln_post_on_tokens.unwrap_or(false);
     Ok(vc)
 }
@@ -289,7 +288,10 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
     // Gated cross-attention placement.
     let gated: Vec<usize> = gated.into_iter().collect();
     if gated.is_empty() {
-        return Err(Error::file(&files.checkpoint, format!("no gated cross-attention layers (keys lang_encoder.{layers_path}.N.gated_cross_attn_layer.*)")));
+        return Err(Error::file(
+            &files.checkpoint,
+            format!("no gated cross-attention layers (keys lang_encoder.{layers_path}.N.gated_cross_attn_layer.*)"),
+        ));
     }
     if let Some(&bad) = gated.iter().find(|&&i| i >= num_layers) {
         return Err(Error::file(&files.checkpoint, format!("gated cross-attention layer {bad} but the LM has {num_layers} layers")));

@@ -137,11 +137,7 @@ impl Flamingo {
     /// sequence (and request) that shows these images.
     pub fn media_kv(&self, latents: &Tensor) -> Result<MediaKv> {
         let latents = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
-        let layers = self
-            .xattn
-            .iter()
-            .map(|b| b.as_ref().map(|b| b.media_kv(&latents)).transpose())
-            .collect::<candle_core::Result<_>>()?;
+        let layers = self.xattn.iter().map(|b| b.as_ref().map(|b| b.media_kv(&latents)).transpose()).collect::<candle_core::Result<_>>()?;
         Ok(MediaKv { layers, images: latents.dim(0)? })
     }
 
@@ -243,12 +239,7 @@ impl Flamingo {
         let mut x = self.lm.embed(&ids_t, batch.positions())?.to_dtype(self.dtype)?;
         for i in 0..self.lm.num_layers() {
             if let Some(block) = &self.xattn[i] {
-                let seqs: Vec<_> = batch
-                    .seqs
-                    .iter()
-                    .zip(&media)
-                    .map(|(st, m)| (&st.xattn[i], m.as_slice()))
-                    .collect();
+                let seqs: Vec<_> = batch.seqs.iter().zip(&media).map(|(st, m)| (&st.xattn[i], m.as_slice())).collect();
                 x = block.forward(&x, &seqs)?;
             }
             x = self.lm.layer(i).forward(&x, &mut batch)?;

@@ -1,8 +1,8 @@
 //! Small building blocks shared by the vision tower, the Perceiver and the language models.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use rayon::prelude::*;
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 pub use candle_nn::RmsNorm;
 
@@ -465,9 +465,7 @@ pub fn causal_mask(t: usize, past: usize, device: &candle_core::Device) -> Resul
         return Ok(None);
     }
     let s = past + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Some(Tensor::from_vec(mask, (t, s), device)?))
 }
 

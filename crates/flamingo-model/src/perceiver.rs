@@ -104,10 +104,8 @@ impl PerceiverResampler {
             .collect::<Result<_>>()?;
         let frame_embs = cfg.max_num_frames.map(|f| vb.get((f, cfg.dim), "frame_embs")).transpose()?;
         // `media_time_embs` is [T, 1, d] in the reference.
-        let media_time_embs = cfg
-            .max_num_media
-            .map(|t| vb.get((t, 1, cfg.dim), "media_time_embs").and_then(|e| e.squeeze(1)))
-            .transpose()?;
+        let media_time_embs =
+            cfg.max_num_media.map(|t| vb.get((t, 1, cfg.dim), "media_time_embs").and_then(|e| e.squeeze(1))).transpose()?;
         Ok(Self {
             latents: vb.get((cfg.num_latents, cfg.dim), "latents")?,
             frame_embs,

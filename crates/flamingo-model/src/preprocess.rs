@@ -70,9 +70,7 @@ impl PilImage {
 
 /// Decodes an image file's bytes (PNG, JPEG, WebP, GIF, BMP) into PIL's mode and layout.
 pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<PilImage> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Image(format!("cannot read image: {e}")))?;
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| Error::Image(format!("cannot read image: {e}")))?;
     let format = reader.format().ok_or_else(|| Error::Image("unknown image format".into()))?;
     let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()

@@ -59,11 +59,10 @@ pub(crate) struct RandomBackend {
 fn value(name: &str, shape: &Shape, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
     let dims = shape.dims();
     let last = name.rsplit('.').next().unwrap_or("");
-    let is_norm = ["norm", "ln_", "ln_pre", "ln_post", "norm_1", "norm_2", "norm_f", "norm_media", "norm_latents"]
-        .iter()
-        .any(|p| name.contains(p))
-        || (name.contains(".1.0.") && dims.len() == 1)
-        || (name.contains("ff.0.") && dims.len() == 1);
+    let is_norm =
+        ["norm", "ln_", "ln_pre", "ln_post", "norm_1", "norm_2", "norm_f", "norm_media", "norm_latents"].iter().any(|p| name.contains(p))
+            || (name.contains(".1.0.") && dims.len() == 1)
+            || (name.contains("ff.0.") && dims.len() == 1);
     let t = if last == "attn_gate" || last == "ff_gate" {
         Tensor::full(0.5f32, shape, dev)?
     } else if last == "bias" || last.ends_with("_bias") {

@@ -250,7 +250,9 @@ mod tests {
     #[test]
     fn matches_a_float64_product() {
         // k with and without a tail; n not a multiple of the chunk.
-        for &(m, n, k) in &[(3, 0, 8), (1, 70, 64), (2, 33, 100), (3, 129, 1024), (8, 65, 37), (5, 1, 16), (7, 40, 48), (13, 97, 33), (32, 50, 24)] {
+        for &(m, n, k) in
+            &[(3, 0, 8), (1, 70, 64), (2, 33, 100), (3, 129, 1024), (8, 65, 37), (5, 1, 16), (7, 40, 48), (13, 97, 33), (32, 50, 24)]
+        {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let got = matmul_wt(&x, m, &w, n, k);

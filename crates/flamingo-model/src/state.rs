@@ -38,11 +38,7 @@ impl KvCache {
 
     /// Bytes held by the cache's storage (capacity, not just length).
     pub fn bytes(&self) -> usize {
-        [&self.k, &self.v]
-            .iter()
-            .filter_map(|t| t.as_ref())
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        [&self.k, &self.v].iter().filter_map(|t| t.as_ref()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 
     /// Appends `k`, `v` (`[heads, t, d]`) and returns views of all keys and values so far.

@@ -127,7 +127,16 @@ impl FlamingoTokenizer {
         let eos = get("eos_token").and_then(|t| inner.token_to_id(&t));
         let bos = get("bos_token").and_then(|t| inner.token_to_id(&t));
         let (literal, specials) = literal_tokenizer(&inner)?;
-        Ok(Self { inner, literal, specials, media_token_id: media, eoc_token_id: eoc, pad_token_id: pad, eos_token_id: eos, bos_token_id: bos })
+        Ok(Self {
+            inner,
+            literal,
+            specials,
+            media_token_id: media,
+            eoc_token_id: eoc,
+            pad_token_id: pad,
+            eos_token_id: eos,
+            bos_token_id: bos,
+        })
     }
 
     /// Number of ids including the added tokens (`len(tokenizer)` in Python): the row count of

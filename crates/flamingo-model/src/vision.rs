@@ -69,7 +69,12 @@ impl VisionConfig {
             other => candle_core::bail!("unsupported vision_cfg.image_size {other}"),
         };
         if image_size == 0 || v.patch_size == 0 || !image_size.is_multiple_of(v.patch_size) || !v.width.is_multiple_of(v.head_width) {
-            candle_core::bail!("inconsistent vision_cfg: image_size {image_size}, patch_size {}, width {}, head_width {}", v.patch_size, v.width, v.head_width);
+            candle_core::bail!(
+                "inconsistent vision_cfg: image_size {image_size}, patch_size {}, width {}, head_width {}",
+                v.patch_size,
+                v.width,
+                v.head_width
+            );
         }
         Ok(Self {
             image_size,
@@ -154,9 +159,8 @@ impl VisionTransformer {
         let p = cfg.patch_size;
         let conv_w = vb.get((w, 3, p, p), "conv1.weight")?;
         let conv1 = Conv2d::new(conv_w, None, Conv2dConfig { stride: p, ..Default::default() });
-        let blocks = (0..cfg.layers)
-            .map(|i| ResidualBlock::new(cfg, vb.pp(format!("transformer.resblocks.{i}"))))
-            .collect::<Result<_>>()?;
+        let blocks =
+            (0..cfg.layers).map(|i| ResidualBlock::new(cfg, vb.pp(format!("transformer.resblocks.{i}")))).collect::<Result<_>>()?;
         Ok(Self {
             conv1,
             class_embedding: vb.get(w, "class_embedding")?,

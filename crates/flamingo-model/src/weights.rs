@@ -66,10 +66,7 @@ impl WeightStore {
                 .tensors()
                 .into_iter()
                 .filter(|(_, v)| {
-                    matches!(
-                        v.dtype(),
-                        safetensors_dtype::F16 | safetensors_dtype::BF16 | safetensors_dtype::F32 | safetensors_dtype::F64
-                    )
+                    matches!(v.dtype(), safetensors_dtype::F16 | safetensors_dtype::BF16 | safetensors_dtype::F32 | safetensors_dtype::F64)
                 })
                 .map(|(n, _)| n)
                 .collect();
@@ -88,12 +85,7 @@ impl WeightStore {
                     }
                 }
             }
-            let names = pth
-                .tensor_infos()
-                .iter()
-                .filter(|(_, info)| is_float(info.dtype))
-                .map(|(n, _)| n.clone())
-                .collect();
+            let names = pth.tensor_infos().iter().filter(|(_, info)| is_float(info.dtype)).map(|(n, _)| n.clone()).collect();
             (FileKind::Pickle(pth), names)
         };
         self.files.push(WeightFile { path: path.to_path_buf(), kind });
@@ -129,16 +121,14 @@ impl WeightStore {
     }
 
     fn missing(&self, name: &str) -> Error {
-        let home = self
-            .homes
-            .iter()
-            .find(|h| h.contains.as_ref().is_some_and(|c| name.contains(c.as_str())))
-            .or_else(|| self.homes.iter().filter(|h| h.contains.is_none() && name.starts_with(&h.prefix)).max_by_key(|h| h.prefix.len()));
+        let home =
+            self.homes.iter().find(|h| h.contains.as_ref().is_some_and(|c| name.contains(c.as_str()))).or_else(|| {
+                self.homes.iter().filter(|h| h.contains.is_none() && name.starts_with(&h.prefix)).max_by_key(|h| h.prefix.len())
+            });
         match home {
-            Some(h) => Error::File {
-                path: PathBuf::from(&h.files),
-                msg: format!("missing tensor `{}{}`", h.file_prefix, &name[h.prefix.len()..]),
-            },
+            Some(h) => {
+                Error::File { path: PathBuf::from(&h.files), msg: format!("missing tensor `{}{}`", h.file_prefix, &name[h.prefix.len()..]) }
+            }
             None => Error::Config(format!("missing tensor `{name}`")),
         }
     }
@@ -152,10 +142,9 @@ impl WeightStore {
         let (f, n) = self.keys.get(name).ok_or_else(|| self.missing(name))?;
         let file = &self.files[*f];
         match &file.kind {
-            FileKind::Safetensors(st) => st
-                .get(n)
-                .map(|v| v.shape().to_vec())
-                .map_err(|e| Error::file(&file.path, format!("tensor `{n}`: {e}"))),
+            FileKind::Safetensors(st) => {
+                st.get(n).map(|v| v.shape().to_vec()).map_err(|e| Error::file(&file.path, format!("tensor `{n}`: {e}")))
+            }
             FileKind::Pickle(p) => p
                 .tensor_infos()
                 .get(n)
@@ -170,9 +159,7 @@ impl WeightStore {
         let file = &self.files[*f];
         let t = match &file.kind {
             FileKind::Safetensors(st) => st.load(n, &Device::Cpu),
-            FileKind::Pickle(p) => p.get(n).and_then(|t| {
-                t.ok_or_else(|| candle_core::Error::Msg("not in file".into()))
-            }),
+            FileKind::Pickle(p) => p.get(n).and_then(|t| t.ok_or_else(|| candle_core::Error::Msg("not in file".into()))),
         }
         .map_err(|e| Error::file(&file.path, format!("cannot read tensor `{n}`: {e}")))?;
         // Pickled tensors may be views with strides; make them contiguous before use.
@@ -186,10 +173,7 @@ impl WeightStore {
         let (f, n) = self.keys.get(name).ok_or_else(|| self.missing(name))?;
         let found = self.shape(name)?;
         if found.as_slice() != shape.dims() {
-            return Err(Error::file(
-                &self.files[*f].path,
-                format!("tensor `{n}` has shape {found:?}, expected {:?}", shape.dims()),
-            ));
+            return Err(Error::file(&self.files[*f].path, format!("tensor `{n}` has shape {found:?}, expected {:?}", shape.dims())));
         }
         self.load(name, dtype, dev)
     }

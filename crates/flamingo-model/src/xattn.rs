@@ -16,8 +16,8 @@
 //! `GatedCrossAttentionBlock`), `src/flamingo_lm.py` (`FlamingoLMMixin.forward`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use rayon::prelude::*;
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use crate::nn::{attend_row, attention, linear, merge_heads, split_heads, with_f32, Keys, LayerNorm, Linear};
 use crate::perceiver::FeedForward;
@@ -72,10 +72,7 @@ impl GatedCrossAttentionBlock {
         let inner = self.heads * self.dim_head;
         let kv = self.to_kv.forward(&latents.reshape((t * n, dv))?)?.reshape((t, n, 2 * inner))?;
         let split = |off: usize| -> Result<Tensor> {
-            kv.narrow(2, off, inner)?
-                .reshape((t, n, self.heads, self.dim_head))?
-                .transpose(1, 2)?
-                .contiguous()
+            kv.narrow(2, off, inner)?.reshape((t, n, self.heads, self.dim_head))?.transpose(1, 2)?.contiguous()
         };
         Ok(XattnKv { k: split(0)?, v: split(inner)? })
     }
@@ -83,11 +80,8 @@ impl GatedCrossAttentionBlock {
     /// `x`: `[rows, d]`, stacked sequences; `seqs[i] = (media kv, media index of each of its rows)`.
     pub fn forward(&self, x: &Tensor, seqs: &[(&XattnImages, &[MediaIndex])]) -> Result<Tensor> {
         let q = self.to_q.forward(&self.norm.forward(x)?)?;
-        let a = if q.device().is_cpu() && q.dtype() == DType::F32 {
-            self.attend_cpu(&q.contiguous()?, seqs)?
-        } else {
-            self.attend(&q, seqs)?
-        };
+        let a =
+            if q.device().is_cpu() && q.dtype() == DType::F32 { self.attend_cpu(&q.contiguous()?, seqs)? } else { self.attend(&q, seqs)? };
         let a = self.to_out.forward(&a)?;
         let x = (a.broadcast_mul(&self.attn_gate)? + x)?;
         self.ff.forward(&x)?.broadcast_mul(&self.ff_gate)? + x

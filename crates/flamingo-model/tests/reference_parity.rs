@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use flamingo_model::candle::{Device, DType, Tensor};
+use flamingo_model::candle::{DType, Device, Tensor};
 use flamingo_model::generate::{generate, GenerationConfig, Strategy};
 use flamingo_model::{load, Input, Logits};
 

@@ -35,7 +35,11 @@ impl ApiError {
         Self {
             code: Some("model_not_found"),
             param: Some("model".into()),
-            ..Self::new(StatusCode::NOT_FOUND, "not_found_error", format!("the model `{model}` does not exist; this server serves `{served}`"))
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                format!("the model `{model}` does not exist; this server serves `{served}`"),
+            )
         }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -51,7 +55,11 @@ impl ApiError {
         }
     }
     pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
-        Self { code: Some("overloaded"), retry_after: Some(retry_after), ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message) }
+        Self {
+            code: Some("overloaded"),
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
     }
     pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
         Self {

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use flamingo_engine::{media_key, Event, EngineConfig, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest};
+use flamingo_engine::{media_key, EngineConfig, Event, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest};
 use flamingo_model::candle::{DType, Device, Tensor};
-use flamingo_model::random::{build, RandomSpec};
 use flamingo_model::generate::Strategy;
+use flamingo_model::random::{build, RandomSpec};
 use flamingo_model::Flamingo;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -266,7 +266,6 @@ fn prefix_table(b: &Bench, a: &BenchArgs) -> Result<()> {
         let (t, c) = b.ttft_cached(&mut s, b.request(b.few_shot(shots, 20, 1 + r as u32), media(&query), 1)?)?;
         warm.push(t);
         cached_tokens = c;
-
     }
     let (c, w) = (median(cold), median(warm));
     println!("| prefix cache | time to first token | |");

@@ -251,9 +251,9 @@ fn apply_env(table: &mut Table, env: &dyn Fn(&str) -> Option<String>) -> Result<
                     "0" | "false" | "no" | "off" => false,
                     _ => return Err(err(format!("expected true or false, got {raw:?}"))),
                 }),
-                Value::Array(_) => Value::Array(
-                    raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect(),
-                ),
+                Value::Array(_) => {
+                    Value::Array(raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.into())).collect())
+                }
                 _ => continue,
             };
         }

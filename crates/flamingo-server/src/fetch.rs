@@ -28,15 +28,8 @@ use url::{Host, Url};
 pub const DEFAULT_MAX_BYTES: usize = 20 * 1024 * 1024;
 
 /// Media types accepted in `data:` URLs (the empty media type is accepted too).
-pub const DATA_URL_MEDIA_TYPES: &[&str] = &[
-    "image/png",
-    "image/jpeg",
-    "image/jpg",
-    "image/webp",
-    "image/gif",
-    "image/bmp",
-    "application/octet-stream",
-];
+pub const DATA_URL_MEDIA_TYPES: &[&str] =
+    &["image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp", "application/octet-stream"];
 
 /// How media URLs may be fetched.
 #[derive(Debug, Clone)]
@@ -112,9 +105,7 @@ pub enum FetchError {
         limit: usize,
     },
     /// The target host resolves only to (or is) a non-public address.
-    #[error(
-        "refusing to fetch from `{host}`: it is a private, loopback or otherwise non-public address"
-    )]
+    #[error("refusing to fetch from `{host}`: it is a private, loopback or otherwise non-public address")]
     Blocked {
         /// Host as written in the (possibly redirected) URL.
         host: String,
@@ -210,17 +201,17 @@ const BLOCKED_V4: &[Ipv4Net] = &[
 /// IPv6 ranges that are never fetched from unless allow-listed. Ranges that embed an IPv4
 /// address are handled separately in [`is_blocked_v6`].
 const BLOCKED_V6: &[Ipv6Net] = &[
-    v6net([0, 0, 0, 0, 0, 0, 0, 0], 96), // IPv4-compatible (deprecated), incl. :: and ::1
-    v6net([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48), // local-use NAT64
-    v6net([0x100, 0, 0, 0, 0, 0, 0, 0], 64), // discard-only
-    v6net([0x2001, 0, 0, 0, 0, 0, 0, 0], 32), // Teredo (embeds an obfuscated IPv4)
-    v6net([0x2001, 2, 0, 0, 0, 0, 0, 0], 48), // benchmarking
+    v6net([0, 0, 0, 0, 0, 0, 0, 0], 96),          // IPv4-compatible (deprecated), incl. :: and ::1
+    v6net([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48),  // local-use NAT64
+    v6net([0x100, 0, 0, 0, 0, 0, 0, 0], 64),      // discard-only
+    v6net([0x2001, 0, 0, 0, 0, 0, 0, 0], 32),     // Teredo (embeds an obfuscated IPv4)
+    v6net([0x2001, 2, 0, 0, 0, 0, 0, 0], 48),     // benchmarking
     v6net([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32), // documentation
-    v6net([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20), // documentation (RFC 9637)
-    v6net([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), // unique local
-    v6net([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), // link-local
-    v6net([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10), // site-local (deprecated)
-    v6net([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), // multicast
+    v6net([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20),     // documentation (RFC 9637)
+    v6net([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7),      // unique local
+    v6net([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10),     // link-local
+    v6net([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10),     // site-local (deprecated)
+    v6net([0xff00, 0, 0, 0, 0, 0, 0, 0], 8),      // multicast
 ];
 
 const fn v4net(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Ipv4Net {
@@ -228,10 +219,7 @@ const fn v4net(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Ipv4Net {
 }
 
 const fn v6net(s: [u16; 8], prefix: u8) -> Ipv6Net {
-    Ipv6Net::new_assert(
-        Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]),
-        prefix,
-    )
+    Ipv6Net::new_assert(Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]), prefix)
 }
 
 /// `true` if `ip` is not a publicly routable unicast address and must not be fetched from
@@ -251,11 +239,7 @@ fn is_blocked_v4(ip: Ipv4Addr) -> bool {
 fn is_blocked_v6(ip: Ipv6Addr) -> bool {
     let bits = u128::from(ip);
     // Forms that carry an IPv4 address: judge them by that address.
-    let embedded = |net: [u16; 8], prefix: u8, shift: u32| {
-        v6net(net, prefix)
-            .contains(&ip)
-            .then(|| Ipv4Addr::from((bits >> shift) as u32))
-    };
+    let embedded = |net: [u16; 8], prefix: u8, shift: u32| v6net(net, prefix).contains(&ip).then(|| Ipv4Addr::from((bits >> shift) as u32));
     let embedded_v4 = embedded([0, 0, 0, 0, 0, 0xffff, 0, 0], 96, 0) // IPv4-mapped
         .or_else(|| embedded([0, 0, 0, 0, 0xffff, 0, 0, 0], 96, 0)) // IPv4-translated (SIIT)
         .or_else(|| embedded([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96, 0)) // NAT64 well-known
@@ -282,10 +266,7 @@ impl AllowList {
         let mut list = AllowList::default();
         for raw in entries {
             let entry = raw.trim();
-            let bare = entry
-                .strip_prefix('[')
-                .and_then(|e| e.strip_suffix(']'))
-                .unwrap_or(entry);
+            let bare = entry.strip_prefix('[').and_then(|e| e.strip_suffix(']')).unwrap_or(entry);
             if let Ok(net) = bare.parse::<IpNet>() {
                 list.nets.push(net);
             } else if let Ok(ip) = bare.parse::<IpAddr>() {
@@ -293,9 +274,7 @@ impl AllowList {
             } else if let Some(host) = normalize_hostname(entry) {
                 list.hosts.push(host);
             } else {
-                return Err(FetchError::Config(format!(
-                    "allow_list entry `{raw}` is not a CIDR, IP address or hostname"
-                )));
+                return Err(FetchError::Config(format!("allow_list entry `{raw}` is not a CIDR, IP address or hostname")));
             }
         }
         Ok(list)
@@ -303,9 +282,7 @@ impl AllowList {
 
     fn allows_ip(&self, ip: IpAddr) -> bool {
         let canonical = ip.to_canonical();
-        self.nets
-            .iter()
-            .any(|net| net.contains(&ip) || net.contains(&canonical))
+        self.nets.iter().any(|net| net.contains(&ip) || net.contains(&canonical))
     }
 
     fn allows_host(&self, host: &str) -> bool {
@@ -316,16 +293,8 @@ impl AllowList {
 
 /// Lower-cases a DNS hostname and strips a trailing dot; `None` if it is not a valid name.
 fn normalize_hostname(entry: &str) -> Option<String> {
-    let host = entry
-        .strip_suffix('.')
-        .unwrap_or(entry)
-        .to_ascii_lowercase();
-    let valid_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
+    let host = entry.strip_suffix('.').unwrap_or(entry).to_ascii_lowercase();
+    let valid_label = |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     let valid = !host.is_empty()
         && host.len() <= 253
         && host.split('.').all(valid_label)
@@ -358,9 +327,7 @@ impl TargetPolicy {
             Ok(())
         } else {
             tracing::debug!(%ip, "refusing media fetch from non-public address");
-            Err(FetchError::Blocked {
-                host: host_label(url),
-            })
+            Err(FetchError::Blocked { host: host_label(url) })
         }
     }
 }
@@ -376,8 +343,7 @@ impl Resolve for GuardedResolver {
         let policy = Arc::clone(&self.policy);
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let resolved: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), 0)).await
-            {
+            let resolved: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), 0)).await {
                 Ok(addrs) => addrs.collect(),
                 Err(_) => return Err(FetchError::Resolve { host: clip(&host) }.into()),
             };
@@ -385,10 +351,7 @@ impl Resolve for GuardedResolver {
                 return Err(FetchError::Resolve { host: clip(&host) }.into());
             }
             let host_allowed = policy.allow.allows_host(&host);
-            let permitted: Vec<SocketAddr> = resolved
-                .into_iter()
-                .filter(|addr| host_allowed || policy.ip_permitted(addr.ip()))
-                .collect();
+            let permitted: Vec<SocketAddr> = resolved.into_iter().filter(|addr| host_allowed || policy.ip_permitted(addr.ip())).collect();
             if permitted.is_empty() {
                 tracing::debug!(host = %host, "refusing media fetch: host resolves to non-public addresses");
                 return Err(FetchError::Blocked { host: clip(&host) }.into());
@@ -404,9 +367,7 @@ fn redirect_policy(policy: Arc<TargetPolicy>, max_redirects: usize) -> reqwest::
     reqwest::redirect::Policy::custom(move |attempt| {
         // `previous` holds the original URL plus every URL already redirected to.
         if attempt.previous().len() > max_redirects {
-            return attempt.error(FetchError::TooManyRedirects {
-                limit: max_redirects,
-            });
+            return attempt.error(FetchError::TooManyRedirects { limit: max_redirects });
         }
         let next = attempt.url();
         if !matches!(next.scheme(), "http" | "https") {
@@ -454,38 +415,23 @@ impl Fetcher {
     /// message), a zero timeout or size cap, or a `file_dir` that is not a directory.
     pub fn new(cfg: FetchConfig) -> Result<Self, FetchError> {
         if cfg.timeout.is_zero() {
-            return Err(FetchError::Config(
-                "timeout must be greater than zero".into(),
-            ));
+            return Err(FetchError::Config("timeout must be greater than zero".into()));
         }
         if cfg.max_bytes == 0 {
-            return Err(FetchError::Config(
-                "max_bytes must be greater than zero".into(),
-            ));
+            return Err(FetchError::Config("max_bytes must be greater than zero".into()));
         }
-        let policy = Arc::new(TargetPolicy {
-            allow: AllowList::parse(&cfg.allow_list)?,
-        });
+        let policy = Arc::new(TargetPolicy { allow: AllowList::parse(&cfg.allow_list)? });
         let file_root = cfg.file_dir.as_deref().map(resolve_file_root).transpose()?;
         let client = reqwest::Client::builder()
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver {
-                policy: Arc::clone(&policy),
-            }))
+            .dns_resolver(Arc::new(GuardedResolver { policy: Arc::clone(&policy) }))
             .redirect(redirect_policy(Arc::clone(&policy), cfg.max_redirects))
             .referer(false)
             .connect_timeout(cfg.timeout)
             .user_agent(concat!("flamingo-server/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| FetchError::Config(format!("could not build HTTP client: {e}")))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                cfg,
-                client,
-                policy,
-                file_root,
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { cfg, client, policy, file_root }) })
     }
 
     /// The configuration this fetcher was built with.
@@ -521,23 +467,14 @@ impl Fetcher {
         let host = host_label(&url);
         match tokio::time::timeout(cfg.timeout, self.download(url, &host)).await {
             Ok(result) => result,
-            Err(_elapsed) => Err(FetchError::Timeout {
-                host,
-                timeout: cfg.timeout,
-            }),
+            Err(_elapsed) => Err(FetchError::Timeout { host, timeout: cfg.timeout }),
         }
     }
 
     /// Sends the request and streams the body, enforcing the size cap.
     async fn download(&self, url: Url, host: &str) -> Result<Vec<u8>, FetchError> {
         let limit = self.inner.cfg.max_bytes;
-        let mut response = self
-            .inner
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| self.map_reqwest_error(e, host))?;
+        let mut response = self.inner.client.get(url).send().await.map_err(|e| self.map_reqwest_error(e, host))?;
         let status = response.status();
         if status.is_redirection() {
             // Redirects the client could not follow (e.g. `Location: file:///...`) surface here.
@@ -546,10 +483,7 @@ impl Fetcher {
             }
         }
         if !status.is_success() {
-            return Err(FetchError::Status {
-                host: host_label(response.url()),
-                status: status.as_u16(),
-            });
+            return Err(FetchError::Status { host: host_label(response.url()), status: status.as_u16() });
         }
         let declared = response.content_length();
         if declared.is_some_and(|len| len > limit as u64) {
@@ -557,11 +491,7 @@ impl Fetcher {
         }
         let capacity = declared.map_or(0, |len| len as usize).min(limit);
         let mut body = Vec::with_capacity(capacity);
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| self.map_reqwest_error(e, host))?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.map_reqwest_error(e, host))? {
             if chunk.len() > limit - body.len() {
                 return Err(FetchError::TooLarge { limit });
             }
@@ -582,10 +512,7 @@ impl Fetcher {
         }
         let host = err.url().map_or_else(|| host.to_owned(), host_label);
         if err.is_timeout() {
-            FetchError::Timeout {
-                host,
-                timeout: self.inner.cfg.timeout,
-            }
+            FetchError::Timeout { host, timeout: self.inner.cfg.timeout }
         } else if err.is_connect() {
             FetchError::Connect { host }
         } else {
@@ -599,25 +526,17 @@ impl Fetcher {
         };
         let url = Url::parse(raw).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
         // The URL parser has already resolved `.` / `..` segments (also percent-encoded ones).
-        let path = url.to_file_path().map_err(|()| {
-            FetchError::InvalidUrl("file:// URL must be an absolute local path".into())
-        })?;
+        let path = url.to_file_path().map_err(|()| FetchError::InvalidUrl("file:// URL must be an absolute local path".into()))?;
         let root_abs = root.absolute.clone();
         let root_canon = root.canonical.clone();
         let limit = self.inner.cfg.max_bytes;
-        tokio::task::spawn_blocking(move || read_confined(&root_abs, &root_canon, &path, limit))
-            .await
-            .map_err(|_| FetchError::FileRead)?
+        tokio::task::spawn_blocking(move || read_confined(&root_abs, &root_canon, &path, limit)).await.map_err(|_| FetchError::FileRead)?
     }
 }
 
 /// The scheme of a redirect response's `Location` if it is neither `http` nor `https`.
 fn unfollowable_redirect_scheme(response: &reqwest::Response) -> Option<String> {
-    let location = response
-        .headers()
-        .get(reqwest::header::LOCATION)?
-        .to_str()
-        .ok()?;
+    let location = response.headers().get(reqwest::header::LOCATION)?.to_str().ok()?;
     let target = response.url().join(location).ok()?;
     (!matches!(target.scheme(), "http" | "https")).then(|| clip(target.scheme()))
 }
@@ -630,28 +549,18 @@ fn resolve_file_root(dir: &Path) -> Result<FileRoot, FetchError> {
     if !canonical.is_dir() {
         return Err(bad("is not a directory"));
     }
-    Ok(FileRoot {
-        absolute,
-        canonical,
-    })
+    Ok(FileRoot { absolute, canonical })
 }
 
 /// Reads `path` if its canonical form lies inside `root_canon`, capped at `limit` bytes.
 ///
 /// The directory is assumed to be operator-controlled: a concurrent symlink swap between the
 /// canonicalization and the open is not defended against.
-fn read_confined(
-    root_abs: &Path,
-    root_canon: &Path,
-    path: &Path,
-    limit: usize,
-) -> Result<Vec<u8>, FetchError> {
+fn read_confined(root_abs: &Path, root_canon: &Path, path: &Path, limit: usize) -> Result<Vec<u8>, FetchError> {
     let canonical = match std::fs::canonicalize(path) {
         Ok(p) => p,
         // Do not reveal whether paths outside the directory exist.
-        Err(_) if !(path.starts_with(root_abs) || path.starts_with(root_canon)) => {
-            return Err(FetchError::FileOutsideDir)
-        }
+        Err(_) if !(path.starts_with(root_abs) || path.starts_with(root_canon)) => return Err(FetchError::FileOutsideDir),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(FetchError::FileNotFound),
         Err(_) => return Err(FetchError::FileRead),
     };
@@ -671,9 +580,7 @@ fn read_confined(
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // `take` guards against the file growing after the metadata check.
-    file.take(limit as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|_| FetchError::FileRead)?;
+    file.take(limit as u64 + 1).read_to_end(&mut bytes).map_err(|_| FetchError::FileRead)?;
     if bytes.len() > limit {
         return Err(FetchError::TooLarge { limit });
     }
@@ -684,8 +591,7 @@ fn read_confined(
 // data: URLs
 // ---------------------------------------------------------------------------------------------
 
-const LENIENT: GeneralPurposeConfig =
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
 /// Standard alphabet, padding optional.
 const STANDARD_LENIENT: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
 /// URL-safe alphabet, padding optional.
@@ -693,15 +599,9 @@ const URL_SAFE_LENIENT: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE
 
 /// Decodes the part of a `data:` URL after `data:` (`<mediatype>[;params];base64,<payload>`).
 fn decode_data_url(rest: &str, limit: usize) -> Result<Vec<u8>, FetchError> {
-    let (header, payload) = rest
-        .split_once(',')
-        .ok_or(FetchError::InvalidDataUrl("missing ',' before the payload"))?;
+    let (header, payload) = rest.split_once(',').ok_or(FetchError::InvalidDataUrl("missing ',' before the payload"))?;
     let mut params = header.split(';');
-    let media_type = params
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let media_type = params.next().unwrap_or_default().trim().to_ascii_lowercase();
     if !media_type.is_empty() && !DATA_URL_MEDIA_TYPES.contains(&media_type.as_str()) {
         return Err(FetchError::UnsupportedMediaType(clip(&media_type)));
     }
@@ -720,21 +620,10 @@ fn decode_data_url(rest: &str, limit: usize) -> Result<Vec<u8>, FetchError> {
     let encoded: Cow<'_, [u8]> = if significant == payload.len() {
         Cow::Borrowed(payload.as_bytes())
     } else {
-        Cow::Owned(
-            payload
-                .bytes()
-                .filter(|b| !b.is_ascii_whitespace())
-                .collect(),
-        )
+        Cow::Owned(payload.bytes().filter(|b| !b.is_ascii_whitespace()).collect())
     };
-    let engine = if encoded.iter().any(|&b| b == b'-' || b == b'_') {
-        &URL_SAFE_LENIENT
-    } else {
-        &STANDARD_LENIENT
-    };
-    let bytes = engine
-        .decode(&encoded)
-        .map_err(|_| FetchError::InvalidBase64)?;
+    let engine = if encoded.iter().any(|&b| b == b'-' || b == b'_') { &URL_SAFE_LENIENT } else { &STANDARD_LENIENT };
+    let bytes = engine.decode(&encoded).map_err(|_| FetchError::InvalidBase64)?;
     if bytes.len() > limit {
         return Err(FetchError::TooLarge { limit });
     }
@@ -749,8 +638,8 @@ fn decode_data_url(rest: &str, limit: usize) -> Result<Vec<u8>, FetchError> {
 fn split_scheme(url: &str) -> Option<(&str, &str)> {
     let (scheme, rest) = url.split_once(':')?;
     let mut chars = scheme.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    let valid =
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic()) && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
     valid.then_some((scheme, rest))
 }
 
@@ -759,11 +648,7 @@ const MAX_ECHO: usize = 64;
 
 /// Clips a user-supplied fragment for error messages, replacing control characters.
 fn clip(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(MAX_ECHO)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
+    let mut out: String = s.chars().take(MAX_ECHO).map(|c| if c.is_control() { '?' } else { c }).collect();
     if s.chars().nth(MAX_ECHO).is_some() {
         out.push('…');
     }
@@ -772,8 +657,7 @@ fn clip(s: &str) -> String {
 
 /// The host of `url` for error messages (IPv6 in brackets), clipped.
 fn host_label(url: &Url) -> String {
-    url.host()
-        .map_or_else(String::new, |h| clip(&h.to_string()))
+    url.host().map_or_else(String::new, |h| clip(&h.to_string()))
 }
 
 #[cfg(test)]
@@ -858,22 +742,14 @@ mod tests {
 
     #[test]
     fn allow_list_parsing_and_matching() {
-        let list = AllowList::parse(&[
-            "10.0.0.0/8".into(),
-            " 127.0.0.1 ".into(),
-            "[::1]".into(),
-            "fd00::/8".into(),
-            "Images.Internal.".into(),
-        ])
-        .expect("valid entries");
+        let list =
+            AllowList::parse(&["10.0.0.0/8".into(), " 127.0.0.1 ".into(), "[::1]".into(), "fd00::/8".into(), "Images.Internal.".into()])
+                .expect("valid entries");
         let ip = |s: &str| s.parse::<IpAddr>().expect("valid ip");
         assert!(list.allows_ip(ip("10.9.8.7")));
         assert!(list.allows_ip(ip("127.0.0.1")));
         assert!(!list.allows_ip(ip("127.0.0.2")));
-        assert!(
-            list.allows_ip(ip("::ffff:127.0.0.1")),
-            "mapped form of an allowed v4"
-        );
+        assert!(list.allows_ip(ip("::ffff:127.0.0.1")), "mapped form of an allowed v4");
         assert!(list.allows_ip(ip("::1")));
         assert!(list.allows_ip(ip("fd00::5")));
         assert!(!list.allows_ip(ip("192.168.0.1")));
@@ -881,21 +757,10 @@ mod tests {
         assert!(list.allows_host("IMAGES.internal."));
         assert!(!list.allows_host("evil.images.internal"));
 
-        for bad in [
-            "10.0.0.0/33",
-            "",
-            "not a host",
-            "1.2.3",
-            "http://x",
-            "a..b",
-            "1.2.3.4/",
-        ] {
+        for bad in ["10.0.0.0/33", "", "not a host", "1.2.3", "http://x", "a..b", "1.2.3.4/"] {
             let err = AllowList::parse(&[bad.to_string()]).expect_err(bad);
             assert!(err.is_config_error(), "{bad}: {err}");
-            assert!(
-                err.to_string().contains(&format!("`{bad}`")),
-                "{bad}: {err}"
-            );
+            assert!(err.to_string().contains(&format!("`{bad}`")), "{bad}: {err}");
         }
     }
 

@@ -28,15 +28,9 @@ use hf_hub::{Cache, Repo, RepoType};
 /// The released-checkpoint manifests, as `(file name, TOML text)`.
 const EMBEDDED: &[(&str, &str)] = &[
     ("OpenFlamingo-3B-vitl-mpt1b.toml", include_str!("../../../config/models/OpenFlamingo-3B-vitl-mpt1b.toml")),
-    (
-        "OpenFlamingo-3B-vitl-mpt1b-langinstruct.toml",
-        include_str!("../../../config/models/OpenFlamingo-3B-vitl-mpt1b-langinstruct.toml"),
-    ),
+    ("OpenFlamingo-3B-vitl-mpt1b-langinstruct.toml", include_str!("../../../config/models/OpenFlamingo-3B-vitl-mpt1b-langinstruct.toml")),
     ("OpenFlamingo-4B-vitl-rpj3b.toml", include_str!("../../../config/models/OpenFlamingo-4B-vitl-rpj3b.toml")),
-    (
-        "OpenFlamingo-4B-vitl-rpj3b-langinstruct.toml",
-        include_str!("../../../config/models/OpenFlamingo-4B-vitl-rpj3b-langinstruct.toml"),
-    ),
+    ("OpenFlamingo-4B-vitl-rpj3b-langinstruct.toml", include_str!("../../../config/models/OpenFlamingo-4B-vitl-rpj3b-langinstruct.toml")),
     ("OpenFlamingo-9B-vitl-mpt7b.toml", include_str!("../../../config/models/OpenFlamingo-9B-vitl-mpt7b.toml")),
 ];
 
@@ -61,9 +55,7 @@ pub enum HubError {
     Manifest(String),
 
     /// The repository does not exist (or is private/gated and no accepted token was sent).
-    #[error(
-        "repository `{repo}` not found on {endpoint} (if it is private or gated, set HF_TOKEN to a token with access)"
-    )]
+    #[error("repository `{repo}` not found on {endpoint} (if it is private or gated, set HF_TOKEN to a token with access)")]
     RepoNotFound { repo: String, endpoint: String },
 
     /// The repository exists but not the requested revision.
@@ -101,9 +93,7 @@ pub enum HubError {
     Http { repo: String, file: String, status: u16, message: Option<String>, endpoint: String },
 
     /// A response that does not look like the Hugging Face hub's (missing headers and the like).
-    #[error(
-        "unexpected response from {endpoint} for `{file}` in `{repo}`: {message} (is HF_ENDPOINT a Hugging Face hub?)"
-    )]
+    #[error("unexpected response from {endpoint} for `{file}` in `{repo}`: {message} (is HF_ENDPOINT a Hugging Face hub?)")]
     Protocol { repo: String, file: String, message: String, endpoint: String },
 
     /// The HTTP client could not be set up.
@@ -221,20 +211,16 @@ impl HubOptions {
             });
             cache.join("huggingface")
         });
-        let cache_dir = get("HF_HUB_CACHE")
-            .or_else(|| get("HUGGINGFACE_HUB_CACHE"))
-            .map(PathBuf::from)
-            .unwrap_or(hf_home.join("hub"));
-        let endpoint = get("HF_ENDPOINT")
-            .map(|e| e.trim_end_matches('/').to_string())
-            .unwrap_or_else(|| Self::DEFAULT_ENDPOINT.to_string());
+        let cache_dir = get("HF_HUB_CACHE").or_else(|| get("HUGGINGFACE_HUB_CACHE")).map(PathBuf::from).unwrap_or(hf_home.join("hub"));
+        let endpoint =
+            get("HF_ENDPOINT").map(|e| e.trim_end_matches('/').to_string()).unwrap_or_else(|| Self::DEFAULT_ENDPOINT.to_string());
         let token = get("HF_TOKEN").or_else(|| get("HUGGING_FACE_HUB_TOKEN")).or_else(|| {
             let path = get("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or(hf_home.join("token"));
             let text = std::fs::read_to_string(path).ok()?;
             Some(text.trim().to_string()).filter(|t| !t.is_empty())
         });
-        let progress = !get("HF_HUB_DISABLE_PROGRESS_BARS")
-            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        let progress =
+            !get("HF_HUB_DISABLE_PROGRESS_BARS").is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
         Self { endpoint, cache_dir, token, progress }
     }
 
@@ -259,11 +245,7 @@ fn dir_name(name: &str) -> String {
     let safe = name
         .trim()
         .split('/')
-        .map(|part| {
-            part.chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
-                .collect::<String>()
-        })
+        .map(|part| part.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect::<String>())
         .collect::<Vec<_>>()
         .join("--");
     let safe = safe.trim_start_matches('.');
@@ -316,9 +298,7 @@ pub fn download(manifest: &Manifest, opts: &HubOptions) -> Result<PathBuf, HubEr
     // Destination inside the model directory (relative) -> file in the hub cache.
     let mut links = BTreeMap::new();
     let sources = &manifest.sources;
-    for (part, source) in
-        [(Part::Clip, &sources.clip), (Part::Lm, &sources.lm), (Part::Checkpoint, &sources.checkpoint)]
-    {
+    for (part, source) in [(Part::Clip, &sources.clip), (Part::Lm, &sources.lm), (Part::Checkpoint, &sources.checkpoint)] {
         let fetched = fetcher.fetch_source(source)?;
         for (name, path) in fetched.files {
             links.insert(destination(part, &name, false), path);
@@ -421,9 +401,7 @@ impl Fetcher<'_> {
                 match (status, code.as_str()) {
                     (_, "RepoNotFound") => HubError::RepoNotFound { repo, endpoint },
                     (_, "RevisionNotFound") => HubError::RevisionNotFound { repo, revision: revision.into(), endpoint },
-                    (_, "EntryNotFound") | (404, _) => {
-                        HubError::FileNotFound { repo, revision: revision.into(), file, endpoint }
-                    }
+                    (_, "EntryNotFound") | (404, _) => HubError::FileNotFound { repo, revision: revision.into(), file, endpoint },
                     (_, "GatedRepo") | (401 | 403, _) => {
                         HubError::Auth { repo, file, status, message, token_sent: self.opts.token.is_some(), endpoint }
                     }
@@ -432,10 +410,9 @@ impl Fetcher<'_> {
             }
             ApiError::TooManyRetries(inner) => self.classify(*inner, &repo, revision, &file),
             ApiError::IoError(source) => HubError::Io { path: self.opts.cache_dir.clone(), source },
-            ApiError::LockAcquisition(path) => HubError::Io {
-                path,
-                source: io::Error::new(io::ErrorKind::WouldBlock, "locked by another download; try again later"),
-            },
+            ApiError::LockAcquisition(path) => {
+                HubError::Io { path, source: io::Error::new(io::ErrorKind::WouldBlock, "locked by another download; try again later") }
+            }
             other => HubError::Protocol { repo, file, message: other.to_string(), endpoint },
         }
     }
@@ -464,8 +441,7 @@ fn shards(index: &Path) -> Result<Vec<String>, HubError> {
         weight_map: BTreeMap<String, String>,
     }
     let text = std::fs::read_to_string(index).map_err(io_err(index))?;
-    let idx: Index = serde_json::from_str(&text)
-        .map_err(|e| HubError::BadIndex { path: index.to_path_buf(), message: e.to_string() })?;
+    let idx: Index = serde_json::from_str(&text).map_err(|e| HubError::BadIndex { path: index.to_path_buf(), message: e.to_string() })?;
     Ok(idx.weight_map.into_values().collect::<BTreeSet<_>>().into_iter().collect())
 }
 

@@ -145,7 +145,11 @@ impl AppState {
         let fetcher = Fetcher::new(cfg.fetch.to_fetch_config()).map_err(|e| anyhow::anyhow!("[fetch] configuration: {e}"))?;
         let prometheus = prometheus();
         metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by route, method and status");
-        metrics::describe_histogram!(HTTP_DURATION, metrics::Unit::Seconds, "HTTP request latency by route (until the response head; streams continue)");
+        metrics::describe_histogram!(
+            HTTP_DURATION,
+            metrics::Unit::Seconds,
+            "HTTP request latency by route (until the response head; streams continue)"
+        );
         Ok(Arc::new(Self {
             cfg,
             served_name,
@@ -175,7 +179,8 @@ impl AppState {
         flamingo_model::device::check_supported(&device, dtype)?;
         tracing::info!(dir = %dir.display(), device = %self.cfg.model.device, dtype = %self.cfg.model.dtype, "loading model");
         let t = Instant::now();
-        let loaded = flamingo_model::load(&dir, &device, dtype, &LogProgress).with_context(|| format!("loading model {}", dir.display()))?;
+        let loaded =
+            flamingo_model::load(&dir, &device, dtype, &LogProgress).with_context(|| format!("loading model {}", dir.display()))?;
         let model = loaded.model;
         let tok = loaded.tokenizer;
         let (vocab, kv_bytes_per_token) = (model.vocab_size(), model.kv_bytes_per_token());
@@ -276,7 +281,8 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
     if keys.is_empty() {
         return next.run(req).await;
     }
-    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     match given {
         None => ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`").into_response(),
         Some(k) if keys.iter().any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) => next.run(req).await,
@@ -432,12 +438,7 @@ fn plan(st: &AppState, kind: Kind, p: &GenParams, logprobs: Option<usize>) -> Re
         if num_beams > 1 {
             Strategy::Beam { num_beams: num_beams as usize, length_penalty: length_penalty as f32, early_stopping: false }
         } else if temperature > 0.0 {
-            Strategy::Sample {
-                temperature: temperature as f32,
-                top_k,
-                top_p: p.top_p.map(|v| v as f32),
-                seed: base_seed.wrapping_add(i),
-            }
+            Strategy::Sample { temperature: temperature as f32, top_k, top_p: p.top_p.map(|v| v as f32), seed: base_seed.wrapping_add(i) }
         } else {
             Strategy::Greedy
         }
@@ -453,9 +454,8 @@ fn plan(st: &AppState, kind: Kind, p: &GenParams, logprobs: Option<usize>) -> Re
             return Err(bad("log-probabilities are not available with beam search".into(), "num_beams"));
         }
     }
-    let choices = (0..n)
-        .map(|i| SamplingParams { strategy: strategy(i), repetition_penalty: repetition_penalty as f32, logprobs })
-        .collect();
+    let choices =
+        (0..n).map(|i| SamplingParams { strategy: strategy(i), repetition_penalty: repetition_penalty as f32, logprobs }).collect();
     Ok(Plan {
         kind,
         choices,
@@ -522,11 +522,8 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
     let ids = rt.tokenizer.encode_prompt(&prompt).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))?;
     let slots = ids.iter().filter(|&&t| t == rt.media_token).count();
     if slots != req.images.len() {
-        return Err(ApiError::bad_request(format!(
-            "the prompt has {slots} <image> markers but {} images were given",
-            req.images.len()
-        ))
-        .param("images"));
+        return Err(ApiError::bad_request(format!("the prompt has {slots} <image> markers but {} images were given", req.images.len()))
+            .param("images"));
     }
     let items = req
         .images
@@ -542,7 +539,11 @@ async fn generate(st: Arc<AppState>, guard: Inflight, ids: Vec<u32>, items: Vec<
     let rt = st.runtime()?;
     let l = &st.cfg.limits;
     if items.len() > l.max_images_per_request {
-        return Err(ApiError::bad_request(format!("at most {} images per request are allowed (got {})", l.max_images_per_request, items.len())));
+        return Err(ApiError::bad_request(format!(
+            "at most {} images per request are allowed (got {})",
+            l.max_images_per_request,
+            items.len()
+        )));
     }
     if ids.len() > l.max_prompt_tokens {
         return Err(ApiError::bad_request(format!("the prompt is {} tokens long; at most {} are allowed", ids.len(), l.max_prompt_tokens)));
@@ -652,7 +653,13 @@ async fn collect(rt: &Runtime, mut rx: EventStream, plan: &Plan) -> Result<Choic
             }
             Some(Event::Finished { reason, usage }) => {
                 text.push_str(&ts.finish().map_err(internal)?);
-                return Ok(ChoiceOut { text, ids: ts.ids().to_vec(), finish: finish_str(reason), cached_tokens: usage.cached_tokens, logprobs: lps });
+                return Ok(ChoiceOut {
+                    text,
+                    ids: ts.ids().to_vec(),
+                    finish: finish_str(reason),
+                    cached_tokens: usage.cached_tokens,
+                    logprobs: lps,
+                });
             }
             Some(Event::Error(e)) => return Err(ApiError::internal(format!("generation failed: {e}"))),
         }
@@ -833,7 +840,10 @@ async fn drive_stream(st: &AppState, streams: Vec<EventStream>, plan: &Plan, met
     }
     if plan.kind == Kind::Chat {
         for i in 0..streams.len() {
-            send!(chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None));
+            send!(chunk(
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                None
+            ));
         }
     }
     let mut ch: Vec<StreamChoice> = streams

@@ -71,7 +71,10 @@ fn url_of(v: &Value, field: &str, param: &str) -> Result<String, ApiError> {
 }
 
 fn video_of(v: &Value, param: &str) -> Result<MediaRef, ApiError> {
-    let bad = || ApiError::bad_request("`video_url.url` must be a URL (an animated GIF) or a list of frame URLs").param(format!("{param}.video_url.url"));
+    let bad = || {
+        ApiError::bad_request("`video_url.url` must be a URL (an animated GIF) or a list of frame URLs")
+            .param(format!("{param}.video_url.url"))
+    };
     let inner = match v.get("video_url") {
         Some(Value::Object(o)) => o.get("url").cloned().ok_or_else(bad)?,
         Some(other) => other.clone(),
@@ -98,7 +101,9 @@ pub fn openflamingo(messages: &[ChatMessage]) -> Result<ChatPrompt, ApiError> {
         let param = format!("messages[{i}]");
         match m.role.as_str() {
             "user" | "system" | "developer" => match &m.content {
-                None => return Err(ApiError::bad_request(format!("a {} message needs `content`", m.role)).param(format!("{param}.content"))),
+                None => {
+                    return Err(ApiError::bad_request(format!("a {} message needs `content`", m.role)).param(format!("{param}.content")))
+                }
                 Some(MessageContent::Text(t)) => pieces.push(Piece::Text(t.clone())),
                 Some(MessageContent::Parts(parts)) => {
                     for (j, p) in parts.iter().enumerate() {
@@ -124,7 +129,9 @@ pub fn openflamingo(messages: &[ChatMessage]) -> Result<ChatPrompt, ApiError> {
                                 ))
                                 .param(format!("{pp}.type")))
                             }
-                            None => return Err(ApiError::bad_request("each content part needs a string `type`").param(format!("{pp}.type"))),
+                            None => {
+                                return Err(ApiError::bad_request("each content part needs a string `type`").param(format!("{pp}.type")))
+                            }
                         }
                     }
                 }
@@ -154,10 +161,8 @@ pub fn openflamingo(messages: &[ChatMessage]) -> Result<ChatPrompt, ApiError> {
                 pieces.push(Piece::EndOfChunk);
             }
             other => {
-                return Err(ApiError::bad_request(format!(
-                    "unsupported role `{other}` (use system, developer, user or assistant)"
-                ))
-                .param(format!("{param}.role")))
+                return Err(ApiError::bad_request(format!("unsupported role `{other}` (use system, developer, user or assistant)"))
+                    .param(format!("{param}.role")))
             }
         }
     }
@@ -198,7 +203,10 @@ mod tests {
             (serde_json::json!([{"role": "user", "content": [{"type": "input_audio"}]}]), "messages[0].content[0].type"),
             (serde_json::json!([{"role": "tool", "content": "x"}]), "messages[0].role"),
             (serde_json::json!([{"role": "user", "content": [{"type": "image_url"}]}]), "messages[0].content[0].image_url"),
-            (serde_json::json!([{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), "messages[0].content[0]"),
+            (
+                serde_json::json!([{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+                "messages[0].content[0]",
+            ),
         ];
         for (v, param) in cases {
             let e = openflamingo(&msgs(v)).unwrap_err();

@@ -68,8 +68,22 @@ fn generate_json_greedy_and_beam_match_the_reference() {
 #[test]
 fn sampling_is_reproducible_with_a_seed() {
     let args = [
-        "generate", "--model", "tests/fixtures/models/gptneox_x1", "--image", "tests/fixtures/images/chelsea.png",
-        "--prompt", "<image>Output:", "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "7", "--json",
+        "generate",
+        "--model",
+        "tests/fixtures/models/gptneox_x1",
+        "--image",
+        "tests/fixtures/images/chelsea.png",
+        "--prompt",
+        "<image>Output:",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "7",
+        "--json",
     ];
     let a = flamingo(&args);
     let b = flamingo(&args);
@@ -81,14 +95,19 @@ fn sampling_is_reproducible_with_a_seed() {
 fn user_errors_are_clear_and_not_panics() {
     let cases: &[(&[&str], &str)] = &[
         (
-            &["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "<image>a<image>b", "--image", "tests/fixtures/images/chelsea.png"],
+            &[
+                "generate",
+                "--model",
+                "tests/fixtures/models/mpt_x1",
+                "--prompt",
+                "<image>a<image>b",
+                "--image",
+                "tests/fixtures/images/chelsea.png",
+            ],
             "2 <image> markers but 1 --image",
         ),
         (&["generate", "--model", "/nonexistent", "--prompt", "x"], "model directory not found"),
-        (
-            &["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "<image>", "--image", "Cargo.toml"],
-            "image",
-        ),
+        (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "<image>", "--image", "Cargo.toml"], "image"),
         (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "x", "--dtype", "f8"], "unknown dtype"),
         (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "x", "--dtype", "bf16"], "bf16 is not supported on the CPU"),
         (&["generate", "--model", "tests/fixtures/models/mpt_x1", "--prompt", "x", "--device", "cuda"], "CUDA"),
@@ -105,8 +124,18 @@ fn user_errors_are_clear_and_not_panics() {
 #[test]
 fn half_precision_runs() {
     let out = flamingo(&[
-        "generate", "--model", "tests/fixtures/models/llama_x1", "--image", "tests/fixtures/images/chelsea.png",
-        "--prompt", "<image>Output:", "--dtype", "f16", "--max-new-tokens", "5", "--json",
+        "generate",
+        "--model",
+        "tests/fixtures/models/llama_x1",
+        "--image",
+        "tests/fixtures/images/chelsea.png",
+        "--prompt",
+        "<image>Output:",
+        "--dtype",
+        "f16",
+        "--max-new-tokens",
+        "5",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

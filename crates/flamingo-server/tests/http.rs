@@ -168,9 +168,13 @@ async fn streaming_matches_the_non_streaming_answer() {
 
     // Completions stream the same text.
     let events = s
-        .post_stream("/v1/completions", &json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 6, "stream": true}))
+        .post_stream(
+            "/v1/completions",
+            &json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 6, "stream": true}),
+        )
         .await;
-    let (_, whole) = s.post("/v1/completions", &json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 6})).await;
+    let (_, whole) =
+        s.post("/v1/completions", &json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 6})).await;
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
     assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
@@ -222,7 +226,10 @@ async fn n_choices_seeds_and_stop_strings() {
 async fn logprobs_beams_and_literal_special_tokens() {
     let s = Server::start(cfg()).await;
     let (code, r) = s
-        .post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": true, "top_logprobs": 3}))
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": true, "top_logprobs": 3}),
+        )
         .await;
     assert_eq!(code, 200, "{r}");
     let content = r["choices"][0]["logprobs"]["content"].as_array().unwrap();
@@ -236,11 +243,15 @@ async fn logprobs_beams_and_literal_special_tokens() {
     }
     // Beam search through the extension fields.
     let (code, r) = s
-        .post("/v1/completions", &json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 5, "num_beams": 3, "length_penalty": 0.0}))
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 5, "num_beams": 3, "length_penalty": 0.0}),
+        )
         .await;
     assert_eq!(code, 200, "{r}");
     // A user typing <image> gets text, not an image slot (which would need an image).
-    let (code, r) = s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "<image><|endofchunk|>"}], "max_tokens": 2})).await;
+    let (code, r) =
+        s.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "<image><|endofchunk|>"}], "max_tokens": 2})).await;
     assert_eq!(code, 200, "{r}");
     assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 2);
     s.stop().await;
@@ -266,7 +277,8 @@ async fn client_mistakes_are_4xx_in_openai_shape() {
     let user = |content: Value| json!({"messages": [{"role": "user", "content": content}], "max_tokens": 2});
     let img = |url: &str| json!({"type": "image_url", "image_url": {"url": url}});
 
-    let r = s.http.post(format!("{}{chat}", s.base)).header("content-type", "application/json").body("{\"messages\": [").send().await.unwrap();
+    let r =
+        s.http.post(format!("{}{chat}", s.base)).header("content-type", "application/json").body("{\"messages\": [").send().await.unwrap();
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert!(v["error"]["message"].as_str().unwrap().contains("not valid JSON"));
@@ -276,18 +288,33 @@ async fn client_mistakes_are_4xx_in_openai_shape() {
     expect_error(&s, chat, json!({"messages": "hi"}), 400, "messages").await;
     expect_error(&s, chat, user(json!([img("data:image/png;base64,@@@not-base64")])), 400, "base64").await;
     expect_error(&s, chat, user(json!([img("data:image/png;base64,aGVsbG8gd29ybGQ=")])), 400, "cannot be used").await;
-    expect_error(&s, chat, user(json!([img(&data_url("small.png")), img(&data_url("small.png")), img(&data_url("small.png"))])), 400, "at most 2 images").await;
+    expect_error(
+        &s,
+        chat,
+        user(json!([img(&data_url("small.png")), img(&data_url("small.png")), img(&data_url("small.png"))])),
+        400,
+        "at most 2 images",
+    )
+    .await;
     expect_error(&s, chat, user(json!("word ".repeat(100))), 400, "tokens long").await;
     let e = expect_error(&s, chat, user(json!([{"type": "input_audio", "input_audio": {}}])), 400, "unsupported content part").await;
     assert_eq!(e["param"], "messages[0].content[0].type");
-    expect_error(&s, chat, user(json!([{"type": "video_url", "video_url": {"url": data_url("small.png")}}])), 400, "frame embeddings").await;
+    expect_error(&s, chat, user(json!([{"type": "video_url", "video_url": {"url": data_url("small.png")}}])), 400, "frame embeddings")
+        .await;
     expect_error(&s, chat, user(json!([img("ftp://example.com/a.png")])), 400, "cannot read the media").await;
     expect_error(&s, chat, json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), 400, "max_tokens").await;
     expect_error(&s, chat, json!({"messages": [{"role": "user", "content": "x"}], "temperature": 3}), 400, "temperature").await;
     expect_error(&s, chat, json!({"messages": [{"role": "user", "content": "x"}], "n": 100}), 400, "`n`").await;
     expect_error(&s, chat, json!({"messages": [{"role": "user", "content": "x"}], "num_beams": 2, "temperature": 0.5}), 400, "beam").await;
     expect_error(&s, chat, json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400, "logprobs").await;
-    expect_error(&s, "/v1/completions", json!({"prompt": "<image><image>", "images": [data_url("small.png")]}), 400, "2 <image> markers but 1").await;
+    expect_error(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "<image><image>", "images": [data_url("small.png")]}),
+        400,
+        "2 <image> markers but 1",
+    )
+    .await;
     let e = expect_error(&s, chat, json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}), 404, "gpt-4o").await;
     assert_eq!(e["code"], "model_not_found");
     expect_error(&s, chat, user(json!([img(&format!("data:image/png;base64,{}", "A".repeat(300_000)))])), 413, "larger than").await;
@@ -348,7 +375,12 @@ async fn not_ready_is_503_and_shutdown_drains() {
     let r = http.get(format!("http://{addr}/health")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
-    let r = http.post(format!("http://{addr}/v1/chat/completions")).json(&json!({"messages": [{"role": "user", "content": "x"}]})).send().await.unwrap();
+    let r = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
 
     // Graceful shutdown: an in-flight stream finishes; a new request during the drain gets 503.
@@ -368,7 +400,13 @@ async fn not_ready_is_503_and_shutdown_drains() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = s.http.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(r.status(), 503);
-    let r = s.http.post(format!("{base}/v1/chat/completions")).json(&json!({"messages": [{"role": "user", "content": "x"}]})).send().await.unwrap();
+    let r = s
+        .http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503, "new requests are refused while draining");
     let text = String::from_utf8_lossy(&first).into_owned() + &resp.text().await.unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "the in-flight stream completed");
@@ -404,7 +442,8 @@ async fn disconnecting_cancels_generation() {
 /// A plain HTTP server on 127.0.0.x serving one PNG.
 async fn image_server(ip: &str) -> std::net::SocketAddr {
     let png = std::fs::read(image_path("small.png")).unwrap();
-    let app = axum::Router::new().route("/cat.png", axum::routing::get(move || async move { ([("content-type", "image/png")], png.clone()) }));
+    let app =
+        axum::Router::new().route("/cat.png", axum::routing::get(move || async move { ([("content-type", "image/png")], png.clone()) }));
     let listener = tokio::net::TcpListener::bind(format!("{ip}:0")).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

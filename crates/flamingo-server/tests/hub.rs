@@ -225,8 +225,7 @@ fn an_index_alternative_brings_the_shards_it_names() {
         }
     }
     let evil_index = serde_json::json!({ "weight_map": { "x": "../../../escaped.bin" } });
-    repos
-        .push(("test-org/evil-lm", vec![("model.safetensors.index.json".into(), evil_index.to_string().into_bytes())]));
+    repos.push(("test-org/evil-lm", vec![("model.safetensors.index.json".into(), evil_index.to_string().into_bytes())]));
     let hub = FakeHub::start(repos, None);
     let tmp = TempDir::new("index");
     let opts = options(&hub.url, &tmp, None);
@@ -243,18 +242,12 @@ fn an_index_alternative_brings_the_shards_it_names() {
     assert!(!dir.join("lm/pytorch_model.bin").exists(), "only the chosen alternative is laid out");
     assert!(!hub.requests().iter().any(|r| r.ends_with("/pytorch_model.bin")), "the index alternative came first");
     let files = ModelFiles::resolve(&dir).unwrap_or_else(|e| panic!("resolve: {e}"));
-    assert_eq!(
-        files.lm_weights,
-        vec![dir.join("lm/model-00001-of-00002.safetensors"), dir.join("lm/model-00002-of-00002.safetensors")]
-    );
+    assert_eq!(files.lm_weights, vec![dir.join("lm/model-00001-of-00002.safetensors"), dir.join("lm/model-00002-of-00002.safetensors")]);
 
     // Shard names from the hub never escape the cache or the model directory.
     let evil = replaced(&text, &format!(r#"repo = "{LM_REPO}""#), r#"repo = "test-org/evil-lm""#);
-    let evil = replaced(
-        &evil,
-        r#"files = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]"#,
-        "files = []",
-    );
+    let evil =
+        replaced(&evil, r#"files = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]"#, "files = []");
     match hub::download(&parse_manifest(&evil), &opts) {
         Err(HubError::InvalidFileName { repo, file, .. }) => {
             assert_eq!(repo, "test-org/evil-lm");
@@ -376,9 +369,7 @@ fn embedded_manifests_and_lookup_by_name() {
     assert_eq!(embedded.len(), 5);
 
     let want = "openflamingo/OpenFlamingo-3B-vitl-mpt1b";
-    for variant in
-        [want, "OpenFlamingo-3B-vitl-mpt1b", "openflamingo-3b-vitl-mpt1b", "OPENFLAMINGO/openflamingo-3B-VITL-mpt1b"]
-    {
+    for variant in [want, "OpenFlamingo-3B-vitl-mpt1b", "openflamingo-3b-vitl-mpt1b", "OPENFLAMINGO/openflamingo-3B-VITL-mpt1b"] {
         let found = hub::find_manifest(&embedded, variant).map(|m| m.name.as_str());
         assert_eq!(found, Some(want), "{variant}");
         assert_eq!(hub::manifest(variant).map(|m| m.name).ok().as_deref(), Some(want), "{variant}");

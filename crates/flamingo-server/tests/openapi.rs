@@ -222,7 +222,12 @@ fn openapi30_leftovers(v: &Value, at: &str, errs: &mut Vec<String>) {
 fn structural_errors(spec: &Spec) -> Vec<String> {
     let d = &spec.doc;
     let mut errs = Vec::new();
-    check_keys(d, &["openapi", "info", "jsonSchemaDialect", "servers", "paths", "webhooks", "components", "security", "tags", "externalDocs"], "root", &mut errs);
+    check_keys(
+        d,
+        &["openapi", "info", "jsonSchemaDialect", "servers", "paths", "webhooks", "components", "security", "tags", "externalDocs"],
+        "root",
+        &mut errs,
+    );
     if !d["openapi"].as_str().is_some_and(|v| v.starts_with("3.1.")) {
         errs.push(format!("`openapi` must be 3.1.x, got {}", d["openapi"]));
     }
@@ -255,8 +260,7 @@ fn structural_errors(spec: &Spec) -> Vec<String> {
         let mut allowed: Vec<&str> = METHODS.to_vec();
         allowed.extend(["$ref", "summary", "description", "servers", "parameters"]);
         check_keys(item, &allowed, &at, &mut errs);
-        let templated: BTreeSet<String> =
-            path.split('{').skip(1).filter_map(|s| s.split_once('}')).map(|(n, _)| n.to_string()).collect();
+        let templated: BTreeSet<String> = path.split('{').skip(1).filter_map(|s| s.split_once('}')).map(|(n, _)| n.to_string()).collect();
         let mut ops = 0;
         for m in METHODS {
             let Some(op) = item.get(*m) else { continue };
@@ -264,7 +268,20 @@ fn structural_errors(spec: &Spec) -> Vec<String> {
             let at = format!("{at}.{m}");
             check_keys(
                 op,
-                &["tags", "summary", "description", "externalDocs", "operationId", "parameters", "requestBody", "responses", "callbacks", "deprecated", "security", "servers"],
+                &[
+                    "tags",
+                    "summary",
+                    "description",
+                    "externalDocs",
+                    "operationId",
+                    "parameters",
+                    "requestBody",
+                    "responses",
+                    "callbacks",
+                    "deprecated",
+                    "security",
+                    "servers",
+                ],
                 &at,
                 &mut errs,
             );
@@ -285,7 +302,21 @@ fn structural_errors(spec: &Spec) -> Vec<String> {
                 let p = spec.resolve(p);
                 check_keys(
                     p,
-                    &["name", "in", "description", "required", "deprecated", "allowEmptyValue", "style", "explode", "allowReserved", "schema", "example", "examples", "content"],
+                    &[
+                        "name",
+                        "in",
+                        "description",
+                        "required",
+                        "deprecated",
+                        "allowEmptyValue",
+                        "style",
+                        "explode",
+                        "allowReserved",
+                        "schema",
+                        "example",
+                        "examples",
+                        "content",
+                    ],
                     &format!("{at}.parameters"),
                     &mut errs,
                 );
@@ -332,7 +363,11 @@ fn structural_errors(spec: &Spec) -> Vec<String> {
             }
             for (code, r) in &responses {
                 let ok_code = code == "default"
-                    || (code.len() == 3 && code.chars().enumerate().all(|(i, c)| if i == 0 { ('1'..='5').contains(&c) } else { c.is_ascii_digit() || c == 'X' }));
+                    || (code.len() == 3
+                        && code
+                            .chars()
+                            .enumerate()
+                            .all(|(i, c)| if i == 0 { ('1'..='5').contains(&c) } else { c.is_ascii_digit() || c == 'X' }));
                 if !ok_code {
                     errs.push(format!("{at}: bad response code {code}"));
                 }
@@ -346,7 +381,12 @@ fn structural_errors(spec: &Spec) -> Vec<String> {
                 for (h, hv) in r["headers"].as_object().into_iter().flatten() {
                     check_ref_kind(hv, "headers", &format!("{rat}.headers.{h}"), &mut errs);
                     let hv = spec.resolve(hv);
-                    check_keys(hv, &["description", "required", "deprecated", "style", "explode", "schema", "example", "examples", "content"], &format!("{rat}.headers.{h}"), &mut errs);
+                    check_keys(
+                        hv,
+                        &["description", "required", "deprecated", "style", "explode", "schema", "example", "examples", "content"],
+                        &format!("{rat}.headers.{h}"),
+                        &mut errs,
+                    );
                     if h.eq_ignore_ascii_case("content-type") {
                         errs.push(format!("{rat}: Content-Type must not be declared as a header"));
                     }
@@ -357,7 +397,9 @@ fn structural_errors(spec: &Spec) -> Vec<String> {
                         errs.push(format!("{rat}.content.{ct}: no schema"));
                     }
                     if ct == "text/event-stream" && media.get("x-sse-event-data").is_none() {
-                        errs.push(format!("{rat}.content.{ct}: an event stream needs `x-sse-event-data` (the schema of each event's data)"));
+                        errs.push(format!(
+                            "{rat}.content.{ct}: an event stream needs `x-sse-event-data` (the schema of each event's data)"
+                        ));
                     }
                 }
             }
@@ -367,8 +409,12 @@ fn structural_errors(spec: &Spec) -> Vec<String> {
         }
     }
     for (name, p) in d["components"]["parameters"].as_object().into_iter().flatten() {
-        if p["in"] == "header" && ["accept", "content-type", "authorization"].contains(&p["name"].as_str().unwrap_or("").to_ascii_lowercase().as_str()) {
-            errs.push(format!("components.parameters.{name}: header parameters named Accept, Content-Type or Authorization are ignored by OpenAPI"));
+        if p["in"] == "header"
+            && ["accept", "content-type", "authorization"].contains(&p["name"].as_str().unwrap_or("").to_ascii_lowercase().as_str())
+        {
+            errs.push(format!(
+                "components.parameters.{name}: header parameters named Accept, Content-Type or Authorization are ignored by OpenAPI"
+            ));
         }
     }
     // Every schema is a valid JSON Schema 2020-12 schema, free of OpenAPI 3.0 keywords.
@@ -575,7 +621,10 @@ impl Checker {
         let ct_full = reply.header("content-type").unwrap_or("").to_string();
         let ct = ct_full.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         let Some(media) = response["content"].get(&ct) else {
-            self.fail(format!("{what}: content type {ct_full:?} is not documented (documented: {:?})", response["content"].as_object().map(|m| m.keys().collect::<Vec<_>>())));
+            self.fail(format!(
+                "{what}: content type {ct_full:?} is not documented (documented: {:?})",
+                response["content"].as_object().map(|m| m.keys().collect::<Vec<_>>())
+            ));
             return reply;
         };
         // Declared headers: present when required, values valid.
@@ -622,9 +671,13 @@ impl Checker {
         }
         // A request the server accepted is valid under the spec's request schema.
         if let (Some(t), Some(sent), 200) = (template, &sent, status) {
-            if let Some(rs) = self.spec.operation(t, &method).and_then(|op| op["requestBody"]["content"]["application/json"].get("schema")) {
+            if let Some(rs) = self.spec.operation(t, &method).and_then(|op| op["requestBody"]["content"]["application/json"].get("schema"))
+            {
                 for e in self.spec.errors(rs, sent) {
-                    self.fail(format!("{what}: the server accepted a request the spec calls invalid: {e}\n    request: {:.300}", sent.to_string()));
+                    self.fail(format!(
+                        "{what}: the server accepted a request the spec calls invalid: {e}\n    request: {:.300}",
+                        sent.to_string()
+                    ));
                 }
             }
         }
@@ -756,7 +809,9 @@ async fn responses_match_the_spec() {
     let card = c.get(b, "/v1/models/{model}", &format!("/v1/models/{MODEL}")).await;
     assert_eq!(card.status, 200);
     assert_eq!(card.json, list.json["data"][0], "the model card is the list's entry");
-    for missing in ["/v1/models/gpt-4o", "/v1/models/openflamingo/OpenFlamingo-3B-vitl-mpt1b", "/v1/models/openflamingo%2FOpenFlamingo-3B-vitl-mpt1b"] {
+    for missing in
+        ["/v1/models/gpt-4o", "/v1/models/openflamingo/OpenFlamingo-3B-vitl-mpt1b", "/v1/models/openflamingo%2FOpenFlamingo-3B-vitl-mpt1b"]
+    {
         let r = c.get(b, "/v1/models/{model}", missing).await;
         assert_eq!(r.status, 404, "{missing}");
         assert_eq!(r.json["error"]["code"], "model_not_found");
@@ -830,16 +885,35 @@ async fn responses_match_the_spec() {
     let stop = stop_string(&c, b).await;
     let r = c.expect(b, CHAT, json!({"messages": user("A photo of"), "max_tokens": 16, "stop": ["\u{1F600}never", stop]}), 200).await;
     assert_eq!(r.json["choices"][0]["finish_reason"], "stop");
-    let r = c.expect(b, CHAT, json!({"messages": user("A photo of"), "max_completion_tokens": 3, "stop": "\u{1F600}never", "repetition_penalty": 1.3}), 200).await;
+    let r = c
+        .expect(
+            b,
+            CHAT,
+            json!({"messages": user("A photo of"), "max_completion_tokens": 3, "stop": "\u{1F600}never", "repetition_penalty": 1.3}),
+            200,
+        )
+        .await;
     assert_eq!(r.json["choices"][0]["finish_reason"], "length");
     // Log-probabilities.
     let r = c.expect(b, CHAT, json!({"messages": user("hi"), "max_tokens": 4, "logprobs": true, "top_logprobs": 3}), 200).await;
     assert_eq!(r.json["choices"][0]["logprobs"]["content"][0]["top_logprobs"].as_array().map(Vec::len), Some(3));
     c.expect(b, CHAT, json!({"messages": user("hi"), "max_tokens": 3, "logprobs": true}), 200).await;
     // Beam search.
-    c.expect(b, CHAT, json!({"messages": user("A photo of"), "max_tokens": 5, "num_beams": 3, "length_penalty": 0.5, "return_token_ids": true}), 200).await;
+    c.expect(
+        b,
+        CHAT,
+        json!({"messages": user("A photo of"), "max_tokens": 5, "num_beams": 3, "length_penalty": 0.5, "return_token_ids": true}),
+        200,
+    )
+    .await;
     // Unknown fields are ignored.
-    c.expect(b, CHAT, json!({"messages": user("hi"), "max_tokens": 2, "tools": [], "presence_penalty": 0.5, "user": "u1", "frobnicate": {"x": 1}}), 200).await;
+    c.expect(
+        b,
+        CHAT,
+        json!({"messages": user("hi"), "max_tokens": 2, "tools": [], "presence_penalty": 0.5, "user": "u1", "frobnicate": {"x": 1}}),
+        200,
+    )
+    .await;
 
     // ---- chat streams
     let s = c
@@ -849,7 +923,13 @@ async fn responses_match_the_spec() {
     assert!(s.chunks.iter().any(|c| c["choices"][0]["logprobs"]["content"].is_array()), "streamed logprobs");
     assert!(s.chunks.iter().any(|c| c["choices"][0]["index"] == 1), "both choices streamed");
     c.expect(b, CHAT, json!({"messages": user("A photo of"), "max_tokens": 4, "stream": true, "return_token_ids": true}), 200).await;
-    c.expect(b, CHAT, json!({"messages": user("A photo of"), "max_tokens": 4, "num_beams": 2, "stream": true, "stream_options": {"include_usage": true}}), 200).await;
+    c.expect(
+        b,
+        CHAT,
+        json!({"messages": user("A photo of"), "max_tokens": 4, "num_beams": 2, "stream": true, "stream_options": {"include_usage": true}}),
+        200,
+    )
+    .await;
     let r = c.expect(b, CHAT, json!({"messages": user("A photo of"), "max_tokens": 16, "stop": stop, "stream": true}), 200).await;
     assert_eq!(r.chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
 
@@ -864,7 +944,13 @@ async fn responses_match_the_spec() {
     let tops = r.json["choices"][1]["logprobs"]["top_logprobs"].as_array().unwrap();
     assert!(tops.iter().all(|t| (1..=2).contains(&t.as_object().unwrap().len())));
     c.expect(b, COMPLETIONS, json!({"prompt": "A photo of", "max_tokens": 3, "logprobs": 0}), 200).await;
-    c.expect(b, COMPLETIONS, json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 4, "num_beams": 3, "length_penalty": 0.0}), 200).await;
+    c.expect(
+        b,
+        COMPLETIONS,
+        json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 4, "num_beams": 3, "length_penalty": 0.0}),
+        200,
+    )
+    .await;
     let r = c.expect(b, COMPLETIONS, json!({"prompt": "A photo of", "max_tokens": 16, "stop": [stop]}), 200).await;
     assert_eq!(r.json["choices"][0]["finish_reason"], "stop");
     let r = c.expect(b, COMPLETIONS, json!({"prompt": "A photo of", "max_tokens": 16, "stop": stop, "stream": true}), 200).await;
@@ -874,20 +960,34 @@ async fn responses_match_the_spec() {
         .expect(b, COMPLETIONS, json!({"prompt": "A photo of", "max_tokens": 5, "n": 2, "logprobs": 1, "temperature": 0.5, "seed": 9, "stream": true, "stream_options": {"include_usage": true}}), 200)
         .await;
     assert!(s.chunks.iter().any(|c| c["choices"][0]["logprobs"]["tokens"].is_array()), "streamed logprobs");
-    c.expect(b, COMPLETIONS, json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 4, "stream": true}), 200).await;
-    c.expect(b, COMPLETIONS, json!({"prompt": "A photo of", "max_tokens": 4, "num_beams": 2, "stream": true, "stream_options": {"include_usage": false}}), 200).await;
+    c.expect(b, COMPLETIONS, json!({"prompt": "<image>Output:", "images": [data_url("small.png")], "max_tokens": 4, "stream": true}), 200)
+        .await;
+    c.expect(
+        b,
+        COMPLETIONS,
+        json!({"prompt": "A photo of", "max_tokens": 4, "num_beams": 2, "stream": true, "stream_options": {"include_usage": false}}),
+        200,
+    )
+    .await;
 
     // ---- client errors
     for path in [CHAT, COMPLETIONS] {
         let r = c.send(b, Method::POST, Some(path), path, Body::Raw("application/json", b"{\"messages\": [".to_vec()), &[]).await;
         assert_eq!(r.status, 400);
-        let other = if path == CHAT { json!({"model": "gpt-4o", "messages": user("x")}) } else { json!({"model": "gpt-4o", "prompt": "x"}) };
+        let other =
+            if path == CHAT { json!({"model": "gpt-4o", "messages": user("x")}) } else { json!({"model": "gpt-4o", "prompt": "x"}) };
         let r = c.expect(b, path, other, 404).await;
         assert_eq!(r.json["error"]["param"], "model");
     }
     let r = c.expect(b, CHAT, json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}), 400).await;
     assert_eq!(r.json["error"]["param"], "messages[0].content[0].type");
-    c.expect(b, CHAT, json!({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url("small.png")}}]}]}), 400).await;
+    c.expect(
+        b,
+        CHAT,
+        json!({"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url("small.png")}}]}]}),
+        400,
+    )
+    .await;
     c.expect(b, COMPLETIONS, json!({"prompt": "x", "echo": true}), 400).await;
     c.expect(b, CHAT, json!({"messages": user(&"word ".repeat(3000))}), 400).await;
 
@@ -985,7 +1085,10 @@ async fn responses_match_the_spec() {
 async fn check_defaults(c: &Checker, b: &str) {
     let prop = |schema: &str, field: &str| -> Value {
         let s = &c.spec.doc["components"]["schemas"][schema];
-        s["properties"].get(field).cloned().unwrap_or_else(|| c.spec.doc["components"]["schemas"]["GenerationParameters"]["properties"][field].clone())
+        s["properties"]
+            .get(field)
+            .cloned()
+            .unwrap_or_else(|| c.spec.doc["components"]["schemas"]["GenerationParameters"]["properties"][field].clone())
     };
     // max_tokens: "hello world" makes the tiny model talk for about a thousand tokens.
     for (path, schema, body) in [
@@ -1031,7 +1134,10 @@ async fn check_defaults(c: &Checker, b: &str) {
     let body = json!({"messages": user("A photo of"), "max_tokens": 8, "n": 2, "return_token_ids": true});
     let a = c.expect(b, CHAT, body.clone(), 200).await;
     let t0 = c.expect(b, CHAT, merge(&body, &json!({"temperature": 0})), 200).await;
-    assert_eq!(a.json["choices"][0]["token_ids"], a.json["choices"][1]["token_ids"], "without temperature every choice is the greedy answer");
+    assert_eq!(
+        a.json["choices"][0]["token_ids"], a.json["choices"][1]["token_ids"],
+        "without temperature every choice is the greedy answer"
+    );
     assert_eq!(a.json["choices"][0]["token_ids"], t0.json["choices"][0]["token_ids"]);
     assert_eq!(prop("GenerationParameters", "temperature")["default"], json!(0));
 }
@@ -1172,7 +1278,12 @@ async fn check_probes(c: &Checker, b: &str) {
             c.fail(format!("{path} {fields}: the spec calls it {}, the probe table {}", valid_str(spec_ok), valid_str(expected)));
         }
         if spec_ok != server_ok {
-            c.fail(format!("{path} {fields}: the spec calls it {}, the server {} ({})", valid_str(spec_ok), valid_str(server_ok), r.json["error"]["message"]));
+            c.fail(format!(
+                "{path} {fields}: the spec calls it {}, the server {} ({})",
+                valid_str(spec_ok),
+                valid_str(server_ok),
+                r.json["error"]["message"]
+            ));
         }
     }
 
@@ -1231,7 +1342,13 @@ async fn check_probes(c: &Checker, b: &str) {
         let r = c.post(b, CHAT, body.clone()).await;
         let server_ok = accepted(&r);
         if spec_ok != expected || spec_ok != server_ok {
-            c.fail(format!("chat messages {msgs}: spec {}, probe table {}, server {} ({})", valid_str(spec_ok), valid_str(expected), valid_str(server_ok), r.json));
+            c.fail(format!(
+                "chat messages {msgs}: spec {}, probe table {}, server {} ({})",
+                valid_str(spec_ok),
+                valid_str(expected),
+                valid_str(server_ok),
+                r.json
+            ));
         }
     }
     for (imgs, expected) in images {
@@ -1240,7 +1357,13 @@ async fn check_probes(c: &Checker, b: &str) {
         let r = c.post(b, COMPLETIONS, body.clone()).await;
         let server_ok = accepted(&r);
         if spec_ok != expected || spec_ok != server_ok {
-            c.fail(format!("completion images {imgs}: spec {}, probe table {}, server {} ({})", valid_str(spec_ok), valid_str(expected), valid_str(server_ok), r.json));
+            c.fail(format!(
+                "completion images {imgs}: spec {}, probe table {}, server {} ({})",
+                valid_str(spec_ok),
+                valid_str(expected),
+                valid_str(server_ok),
+                r.json
+            ));
         }
     }
 }

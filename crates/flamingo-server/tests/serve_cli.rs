@@ -297,11 +297,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .expect("HTTP client")
+    reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(10)).build().expect("HTTP client")
 }
 
 /// Polls GET /health until 200 (failing after [`READY_TIMEOUT`]); returns every status seen.
@@ -391,7 +387,9 @@ fn check_model_dir(dir: &Path) {
     for file in ["checkpoint.pt", "flamingo.toml"] {
         assert!(dir.join(file).is_file(), "{}/{file} is a file", dir.display());
     }
-    for rel in ["checkpoint.pt", "clip/open_clip_config.json", "clip/open_clip_pytorch_model.bin", "lm/pytorch_model.bin", "lm/tokenizer.json"] {
+    for rel in
+        ["checkpoint.pt", "clip/open_clip_config.json", "clip/open_clip_pytorch_model.bin", "lm/pytorch_model.bin", "lm/tokenizer.json"]
+    {
         assert_eq!(read(&dir.join(rel)), read(&fixture().join(rel)), "{rel} is the fixture's");
     }
     assert!(!dir.join("clip/open_clip_model.safetensors").exists(), "the missing safetensors alternative is not laid out");
@@ -524,7 +522,11 @@ fn serve_by_manifest_name_downloads_then_answers() {
     }
     let find = |msg: &str| logs.iter().find(|v| message(v) == msg).unwrap_or_else(|| panic!("no `{msg}` log line:\n{all}"));
     assert_eq!(find("listening")["model"], MODEL);
-    assert_eq!(find("loading model")["dir"].as_str().map(PathBuf::from), Some(model_dir.clone()), "the server loaded the downloaded directory");
+    assert_eq!(
+        find("loading model")["dir"].as_str().map(PathBuf::from),
+        Some(model_dir.clone()),
+        "the server loaded the downloaded directory"
+    );
     find("model ready");
     let stop = logs.iter().find(|v| message(v).starts_with("shutting down")).unwrap_or_else(|| panic!("no shutdown line:\n{all}"));
     assert_eq!(stop["reason"], "signal received", "{stop}");
@@ -679,10 +681,8 @@ fn sigterm_drains_an_inflight_stream() {
         .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data event: {e:?}")))
         .collect();
     assert_eq!(events.last(), Some(&"[DONE]"), "the stream ends with [DONE]; last events: {:?}", &events[events.len().saturating_sub(3)..]);
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("chunk {e}: {err}")))
-        .collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("chunk {e}: {err}"))).collect();
     for c in &chunks {
         assert!(c.get("error").is_none(), "an error in the stream: {c}");
         assert_eq!(c["object"], "chat.completion.chunk", "{c}");

@@ -157,11 +157,8 @@ pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Re
         })
         .collect::<Result<_>>()?;
     let embed_in = resize_rows(g.get_unchecked("embed_in.weight")?, vocab_rows)?;
-    let embed_out = if cfg.tie_word_embeddings {
-        embed_in.clone()
-    } else {
-        resize_rows(vb.get_unchecked("embed_out.weight")?, vocab_rows)?
-    };
+    let embed_out =
+        if cfg.tie_word_embeddings { embed_in.clone() } else { resize_rows(vb.get_unchecked("embed_out.weight")?, vocab_rows)? };
     for (name, t) in [("gpt_neox.embed_in.weight", &embed_in), ("embed_out.weight", &embed_out)] {
         if t.dim(1)? != d {
             candle_core::bail!("{name} has shape {:?}, expected [_, {d}]", t.dims());

@@ -108,8 +108,7 @@ impl LanguageModel for Llama {
 }
 
 pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Result<Box<dyn LanguageModel>> {
-    let cfg: LlamaConfig =
-        serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("LLaMA config: {e}")))?;
+    let cfg: LlamaConfig = serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("LLaMA config: {e}")))?;
     if let Some(s) = cfg.rope_scaling.as_ref().filter(|v| !v.is_null()) {
         let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str());
         if kind != Some("default") {
@@ -154,15 +153,19 @@ pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Re
         })
         .collect::<Result<_>>()?;
     let embed_tokens = resize_rows(m.get_unchecked("embed_tokens.weight")?, vocab_rows)?;
-    let lm_head = if cfg.tie_word_embeddings {
-        embed_tokens.clone()
-    } else {
-        resize_rows(vb.get_unchecked("lm_head.weight")?, vocab_rows)?
-    };
+    let lm_head =
+        if cfg.tie_word_embeddings { embed_tokens.clone() } else { resize_rows(vb.get_unchecked("lm_head.weight")?, vocab_rows)? };
     for (name, t) in [("model.embed_tokens.weight", &embed_tokens), ("lm_head.weight", &lm_head)] {
         if t.dim(1)? != d {
             candle_core::bail!("{name} has shape {:?}, expected [_, {d}]", t.dims());
         }
     }
-    Ok(Box::new(Llama { kv_width: kv_heads * head_dim, embed_tokens, lm_head, layers, norm: rms_norm(d, cfg.rms_norm_eps, m.pp("norm"))?, hidden: d }))
+    Ok(Box::new(Llama {
+        kv_width: kv_heads * head_dim,
+        embed_tokens,
+        lm_head,
+        layers,
+        norm: rms_norm(d, cfg.rms_norm_eps, m.pp("norm"))?,
+        hidden: d,
+    }))
 }

@@ -35,8 +35,7 @@ pub struct Batch<'a, 'b> {
 impl<'a, 'b> Batch<'a, 'b> {
     pub fn new(seqs: &'a mut [&'b mut SequenceState], lens: Vec<usize>, pasts: Vec<usize>) -> Self {
         let n = seqs.len();
-        let positions =
-            lens.iter().zip(&pasts).flat_map(|(&len, &past)| (past..past + len).map(|p| p as u32)).collect();
+        let positions = lens.iter().zip(&pasts).flat_map(|(&len, &past)| (past..past + len).map(|p| p as u32)).collect();
         Self { seqs, lens, pasts, attn_bias: vec![None; n], positions, rope_tables: None }
     }
 }
@@ -215,10 +214,7 @@ pub(crate) struct Rotary {
 impl Rotary {
     pub fn new(rot_dims: usize, base: f64) -> Self {
         // As HF computes it, in f32: 1 / base^(arange(0, dim, 2) / dim).
-        let inv_freq = (0..rot_dims)
-            .step_by(2)
-            .map(|i| 1f32 / (base as f32).powf(i as f32 / rot_dims as f32))
-            .collect();
+        let inv_freq = (0..rot_dims).step_by(2).map(|i| 1f32 / (base as f32).powf(i as f32 / rot_dims as f32)).collect();
         Self { inv_freq, rot_dims }
     }
 
@@ -254,10 +250,7 @@ impl Rotary {
                 sin.push(a.sin());
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (positions.len(), half), dev)?,
-            Tensor::from_vec(sin, (positions.len(), half), dev)?,
-        ))
+        Ok((Tensor::from_vec(cos, (positions.len(), half), dev)?, Tensor::from_vec(sin, (positions.len(), half), dev)?))
     }
 }
 

@@ -11,13 +11,7 @@ use serde::Deserialize;
 use super::mpt::{eps5, four, parse_logit_scale, yes, MptModel, MptNames, MptSettings};
 use super::LanguageModel;
 
-pub const NAMES: MptNames = MptNames {
-    ln_1: "ln_1",
-    ln_2: "ln_2",
-    ln_f: "ln_f",
-    up: "mlp.mlp_up",
-    down: "mlp.mlp_down",
-};
+pub const NAMES: MptNames = MptNames { ln_1: "ln_1", ln_2: "ln_2", ln_f: "ln_f", up: "mlp.mlp_up", down: "mlp.mlp_down" };
 
 /// Mirror of MosaicGPT's `config.json` (`model_type: "mosaic_gpt"`).
 #[derive(Debug, Deserialize)]

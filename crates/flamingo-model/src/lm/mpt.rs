@@ -41,13 +41,7 @@ pub struct MptNames {
     pub down: &'static str,
 }
 
-pub const HF_NAMES: MptNames = MptNames {
-    ln_1: "norm_1",
-    ln_2: "norm_2",
-    ln_f: "norm_f",
-    up: "ffn.up_proj",
-    down: "ffn.down_proj",
-};
+pub const HF_NAMES: MptNames = MptNames { ln_1: "norm_1", ln_2: "norm_2", ln_f: "norm_f", up: "ffn.up_proj", down: "ffn.down_proj" };
 
 /// ALiBi slopes per head.
 pub fn alibi_slopes(n_heads: usize, max_bias: f64, mosaic: bool) -> Vec<f32> {
@@ -82,10 +76,7 @@ impl MptBlock {
         let d = cfg.d_model;
         let a = vb.pp("attn");
         let (q_ln, k_ln) = if cfg.qk_ln {
-            (
-                Some(LayerNorm::new(d, cfg.eps, cfg.bias, a.pp("q_ln"))?),
-                Some(LayerNorm::new(d, cfg.eps, cfg.bias, a.pp("k_ln"))?),
-            )
+            (Some(LayerNorm::new(d, cfg.eps, cfg.bias, a.pp("q_ln"))?), Some(LayerNorm::new(d, cfg.eps, cfg.bias, a.pp("k_ln"))?))
         } else {
             (None, None)
         };
@@ -157,9 +148,8 @@ impl MptModel {
         let wte = resize_rows(wte, vocab_rows)?;
         let slopes = alibi_slopes(cfg.n_heads, cfg.alibi_bias_max, cfg.mosaic_slopes);
         let slopes = Tensor::new(slopes.as_slice(), vb.device())?;
-        let blocks = (0..cfg.n_layers)
-            .map(|i| MptBlock::new(cfg, names, i, &slopes, t.pp(format!("blocks.{i}"))))
-            .collect::<Result<_>>()?;
+        let blocks =
+            (0..cfg.n_layers).map(|i| MptBlock::new(cfg, names, i, &slopes, t.pp(format!("blocks.{i}")))).collect::<Result<_>>()?;
         Ok(Self {
             wte,
             blocks,

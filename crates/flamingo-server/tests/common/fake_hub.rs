@@ -51,13 +51,7 @@ pub fn repo_files(dir: &str, names: &[&str]) -> RepoFiles {
 pub fn release_repos<'a>(clip: &'a str, lm: &'a str, checkpoint: &'a str) -> Vec<(&'a str, RepoFiles)> {
     vec![
         (clip, repo_files("clip", &["open_clip_config.json", "open_clip_pytorch_model.bin"])),
-        (
-            lm,
-            repo_files(
-                "lm",
-                &["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "pytorch_model.bin"],
-            ),
-        ),
+        (lm, repo_files("lm", &["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "pytorch_model.bin"])),
         (checkpoint, repo_files("", &["checkpoint.pt"])),
     ]
 }
@@ -101,8 +95,7 @@ impl FakeHub {
             .collect();
         let state = Arc::new(HubState { repos, blobs, token: token.map(str::to_string), log: Mutex::new(Vec::new()) });
 
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         listener.set_nonblocking(true).expect("nonblocking listener");
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
@@ -179,8 +172,7 @@ async fn handle(State(hub): State<Arc<HubState>>, method: Method, uri: Uri, head
 /// Serves `bytes`, honouring a `Range: bytes=a-[b]` header.
 fn ranged(headers: &HeaderMap, bytes: &[u8], etag: &str, commit: Option<&str>) -> Response {
     let len = bytes.len();
-    let mut builder =
-        Response::builder().header(header::ETAG, format!("\"{etag}\"")).header(header::ACCEPT_RANGES, "bytes");
+    let mut builder = Response::builder().header(header::ETAG, format!("\"{etag}\"")).header(header::ACCEPT_RANGES, "bytes");
     if let Some(commit) = commit {
         builder = builder.header("x-repo-commit", commit);
     }
