@@ -3,10 +3,11 @@
 
 use flamingo_model::{Flamingo, Input, KvBlock, Logits, MediaKv, SequenceState};
 
-use crate::request::PreparedMedia;
+use crate::error::BackendError;
+use crate::request::{ModelSpec, PreparedMedia};
 
-/// What the scheduler needs from a model. Errors are plain messages: the engine reports them to
-/// the affected request and carries on.
+/// What the scheduler needs from a model. A failure is reported to the affected requests
+/// (as the client's mistake when it is [`BackendError::Input`]) and the engine carries on.
 pub trait Backend: Send + 'static {
     /// Per-sequence state (KV caches, attached media).
     type State: Send;
@@ -15,24 +16,24 @@ pub trait Backend: Send + 'static {
     /// A prefix-cache block (K/V of a run of prompt positions).
     type Block: Send + Sync;
 
-    fn vocab_size(&self) -> usize;
+    /// The vocabulary, the special ids and the KV size requests are checked against.
+    fn spec(&self) -> ModelSpec;
     fn new_state(&self) -> Self::State;
     /// Whether an encoding depends on the media's position in its request (media-time
     /// embeddings); if so the position is part of the vision-cache key.
     fn media_depends_on_position(&self) -> bool;
-    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<Self::Media, String>;
+    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<Self::Media, BackendError>;
     fn media_bytes(&self, media: &Self::Media) -> usize;
     /// Attaches the request's media, in order (cross-attention K/V are computed here, once).
-    fn attach(&self, state: &mut Self::State, media: &[&Self::Media]) -> Result<(), String>;
-    /// One ragged step: new tokens for each sequence -> last-position logits of each.
-    fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String>;
+    fn attach(&self, state: &mut Self::State, media: &[&Self::Media]) -> Result<(), BackendError>;
+    /// One ragged step: new tokens for each sequence -> last-position logits of each (one row
+    /// per input).
+    fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError>;
     /// A deep copy of a state (beams forking from one parent).
-    fn fork(&self, state: &Self::State) -> Result<Self::State, String>;
+    fn fork(&self, state: &Self::State) -> Result<Self::State, BackendError>;
     /// Bytes a sequence's state holds or refers to now (shared parts count in full).
     fn state_bytes(&self, state: &Self::State) -> usize;
-    /// Self-attention KV bytes one token adds (for admission estimates).
-    fn kv_bytes_per_token(&self) -> usize;
-    fn snapshot(&self, state: &Self::State, start: usize, len: usize, media: usize) -> Result<Self::Block, String>;
+    fn snapshot(&self, state: &Self::State, start: usize, len: usize, media: usize) -> Result<Self::Block, BackendError>;
     fn block_bytes(&self, block: &Self::Block) -> usize;
     /// The first `rows` positions of a block holding `media` `<image>` tokens (partial prefix
     /// hits). Backends that cannot cut blocks only get whole-block hits.
@@ -41,7 +42,7 @@ pub trait Backend: Send + 'static {
     }
     /// Restores cached prefix blocks into a fresh state whose media are attached.
     /// `capacity`: positions the sequence is expected to reach (room can be made at once).
-    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), String>;
+    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), BackendError>;
 }
 
 /// Media are cached as their cross-attention K/V (every gated layer): a cache hit skips the
@@ -51,8 +52,12 @@ impl Backend for Flamingo {
     type Media = MediaKv;
     type Block = KvBlock;
 
-    fn vocab_size(&self) -> usize {
-        Flamingo::vocab_size(self)
+    fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            vocab_size: self.vocab_size(),
+            media_token_id: Some(self.config().media_token_id),
+            kv_bytes_per_token: self.kv_bytes_per_token(),
+        }
     }
 
     fn new_state(&self) -> SequenceState {
@@ -63,39 +68,36 @@ impl Backend for Flamingo {
         self.config().perceiver.max_num_media.is_some()
     }
 
-    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<MediaKv, String> {
-        let px = media.pixels.unsqueeze(0).map_err(|e| e.to_string())?;
-        let lat = self.encode_media(&px, position).map_err(|e| e.to_string())?;
-        self.media_kv(&lat).map_err(|e| e.to_string())
+    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<MediaKv, BackendError> {
+        let px = media.pixels.unsqueeze(0)?;
+        let lat = self.encode_media(&px, position)?;
+        Ok(self.media_kv(&lat)?)
     }
 
     fn media_bytes(&self, media: &MediaKv) -> usize {
         media.bytes()
     }
 
-    fn attach(&self, state: &mut SequenceState, media: &[&MediaKv]) -> Result<(), String> {
-        self.attach_media_kv(state, media).map_err(|e| e.to_string())
+    fn attach(&self, state: &mut SequenceState, media: &[&MediaKv]) -> Result<(), BackendError> {
+        Ok(self.attach_media_kv(state, media)?)
     }
 
-    fn forward(&self, states: &mut [&mut SequenceState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String> {
-        let logits = Flamingo::forward(self, states, inputs, Logits::Last).map_err(|e| e.to_string())?;
-        logits.to_vec2::<f32>().map_err(|e| e.to_string())
+    fn forward(&self, states: &mut [&mut SequenceState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError> {
+        // Whatever went wrong inside a step is the server's problem, not the request's.
+        let logits = Flamingo::forward(self, states, inputs, Logits::Last).map_err(|e| BackendError::Internal(e.to_string()))?;
+        Ok(logits.to_vec2::<f32>()?)
     }
 
-    fn fork(&self, state: &SequenceState) -> Result<SequenceState, String> {
-        state.fork().map_err(|e| e.to_string())
+    fn fork(&self, state: &SequenceState) -> Result<SequenceState, BackendError> {
+        Ok(state.fork()?)
     }
 
     fn state_bytes(&self, state: &SequenceState) -> usize {
         state.kv_bytes() + state.xattn_bytes()
     }
 
-    fn kv_bytes_per_token(&self) -> usize {
-        self.kv_bytes_per_token()
-    }
-
-    fn snapshot(&self, state: &SequenceState, start: usize, len: usize, media: usize) -> Result<KvBlock, String> {
-        state.kv_block(start, len, media).map_err(|e| e.to_string())
+    fn snapshot(&self, state: &SequenceState, start: usize, len: usize, media: usize) -> Result<KvBlock, BackendError> {
+        Ok(state.kv_block(start, len, media)?)
     }
 
     fn block_bytes(&self, block: &KvBlock) -> usize {
@@ -106,8 +108,8 @@ impl Backend for Flamingo {
         block.head(rows, media).ok()
     }
 
-    fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock], capacity: usize) -> Result<(), String> {
-        self.restore_prefix(state, blocks, capacity).map_err(|e| e.to_string())
+    fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock], capacity: usize) -> Result<(), BackendError> {
+        Ok(self.restore_prefix(state, blocks, capacity)?)
     }
 }
 
@@ -117,8 +119,8 @@ impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
     type Media = B::Media;
     type Block = B::Block;
 
-    fn vocab_size(&self) -> usize {
-        (**self).vocab_size()
+    fn spec(&self) -> ModelSpec {
+        (**self).spec()
     }
     fn new_state(&self) -> Self::State {
         (**self).new_state()
@@ -126,28 +128,25 @@ impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
     fn media_depends_on_position(&self) -> bool {
         (**self).media_depends_on_position()
     }
-    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<Self::Media, String> {
+    fn encode(&self, media: &PreparedMedia, position: usize) -> Result<Self::Media, BackendError> {
         (**self).encode(media, position)
     }
     fn media_bytes(&self, media: &Self::Media) -> usize {
         (**self).media_bytes(media)
     }
-    fn attach(&self, state: &mut Self::State, media: &[&Self::Media]) -> Result<(), String> {
+    fn attach(&self, state: &mut Self::State, media: &[&Self::Media]) -> Result<(), BackendError> {
         (**self).attach(state, media)
     }
-    fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String> {
+    fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError> {
         (**self).forward(states, inputs)
     }
-    fn fork(&self, state: &Self::State) -> Result<Self::State, String> {
+    fn fork(&self, state: &Self::State) -> Result<Self::State, BackendError> {
         (**self).fork(state)
     }
     fn state_bytes(&self, state: &Self::State) -> usize {
         (**self).state_bytes(state)
     }
-    fn kv_bytes_per_token(&self) -> usize {
-        (**self).kv_bytes_per_token()
-    }
-    fn snapshot(&self, state: &Self::State, start: usize, len: usize, media: usize) -> Result<Self::Block, String> {
+    fn snapshot(&self, state: &Self::State, start: usize, len: usize, media: usize) -> Result<Self::Block, BackendError> {
         (**self).snapshot(state, start, len, media)
     }
     fn block_bytes(&self, block: &Self::Block) -> usize {
@@ -156,7 +155,7 @@ impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
     fn block_head(&self, block: &Self::Block, rows: usize, media: usize) -> Option<Self::Block> {
         (**self).block_head(block, rows, media)
     }
-    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), String> {
+    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), BackendError> {
         (**self).restore(state, blocks, capacity)
     }
 }

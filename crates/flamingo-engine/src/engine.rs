@@ -9,11 +9,11 @@ use std::thread::JoinHandle;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::backend::Backend;
+use crate::error::{EngineError, RequestError};
 use crate::metrics as m;
-use crate::request::{Event, ValidRequest};
+use crate::request::{Event, ModelSpec, SamplingParams, ValidRequest};
 use crate::scheduler::Scheduler;
 pub use crate::scheduler::SchedulerConfig as EngineConfig;
-use crate::EngineError;
 
 /// The events of one request. Dropping it cancels the request at the next step.
 pub type EventStream = UnboundedReceiver<Event>;
@@ -36,6 +36,8 @@ pub struct EngineStats {
 
 pub struct Engine {
     tx: mpsc::Sender<Command>,
+    spec: ModelSpec,
+    kv_budget_bytes: usize,
     stats: Arc<EngineStats>,
     /// Submitted but not yet admitted (or dropped): the bound of the waiting queue.
     waiting: Arc<AtomicUsize>,
@@ -44,25 +46,39 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the scheduler thread. `media_token` is the model's `<image>` id.
-    pub fn start<B: Backend>(backend: B, cfg: EngineConfig, media_token: Option<u32>) -> Self {
+    /// Starts the scheduler thread.
+    pub fn start<B: Backend>(backend: B, cfg: EngineConfig) -> Self {
         m::describe();
         let (tx, rx) = mpsc::channel::<Command>();
         let waiting = Arc::new(AtomicUsize::new(0));
-        let max_waiting = cfg.max_waiting;
+        let (max_waiting, kv_budget_bytes) = (cfg.max_waiting, cfg.kv_budget_bytes);
+        let spec = backend.spec();
         let counter = waiting.clone();
         let stats = Arc::new(EngineStats::default());
         let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("flamingo-engine".into())
-            .spawn(move || on_compute_pool(move || run(Scheduler::new(backend, cfg), rx, counter, st, media_token)))
+            .spawn(move || on_compute_pool(move || run(Scheduler::new(backend, cfg), rx, counter, st)))
             .expect("spawning the engine thread");
-        Self { tx, stats, waiting, max_waiting, thread: Some(thread) }
+        Self { tx, spec, kv_budget_bytes, stats, waiting, max_waiting, thread: Some(thread) }
+    }
+
+    /// What requests are checked against ([`ValidRequest::new`]).
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Refuses, before any work is done for it, a request that could never be admitted: its
+    /// KV reservation (prompt, plus `max_new_tokens` for each beam) is larger than the budget.
+    pub fn check_budget(&self, prompt_tokens: usize, sampling: &SamplingParams, max_new_tokens: usize) -> Result<(), RequestError> {
+        self.spec.check_budget(prompt_tokens, sampling, max_new_tokens, self.kv_budget_bytes)
     }
 
     /// Queues a request; its events arrive on the returned stream. Fails at once with
-    /// `Overloaded` when the waiting queue is full.
+    /// `Overloaded` when the waiting queue is full, and with a [`RequestError`] when the
+    /// request is larger than the KV budget.
     pub fn submit(&self, req: ValidRequest) -> Result<EventStream, EngineError> {
+        self.check_budget(req.prompt.len(), &req.sampling, req.stop.max_new_tokens)?;
         let n = self.waiting.fetch_add(1, Ordering::SeqCst);
         if n >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -113,13 +129,7 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-fn run<B: Backend>(
-    mut sched: Scheduler<B>,
-    rx: mpsc::Receiver<Command>,
-    waiting: Arc<AtomicUsize>,
-    stats: Arc<EngineStats>,
-    media_token: Option<u32>,
-) {
+fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting: Arc<AtomicUsize>, stats: Arc<EngineStats>) {
     let mut shutting_down = false;
     loop {
         // Block only when idle; otherwise take what has arrived and keep stepping.
@@ -135,7 +145,7 @@ fn run<B: Backend>(
         while let Ok(cmd) = rx.try_recv() {
             handle(&mut sched, cmd, &waiting, &mut shutting_down);
         }
-        let report = sched.step(media_token);
+        let report = sched.step();
         if report.left_waiting > 0 {
             waiting.fetch_sub(report.left_waiting, Ordering::SeqCst);
         }
@@ -148,11 +158,9 @@ fn run<B: Backend>(
 fn handle<B: Backend>(sched: &mut Scheduler<B>, cmd: Command, waiting: &AtomicUsize, shutting_down: &mut bool) {
     match cmd {
         Command::Submit(req, tx) => {
-            if *shutting_down {
-                let _ = tx.send(Event::Error("the engine is shutting down".into()));
-                waiting.fetch_sub(1, Ordering::SeqCst);
-            } else if let Err(e) = sched.submit(req, tx.clone()) {
-                let _ = tx.send(Event::Error(e.to_string()));
+            let refused = if *shutting_down { Err(EngineError::Stopped) } else { sched.submit(req, tx.clone()).map(|_| ()) };
+            if let Err(e) = refused {
+                let _ = tx.send(Event::Error(e));
                 waiting.fetch_sub(1, Ordering::SeqCst);
             }
         }

@@ -1,9 +1,9 @@
 //! What goes into the engine (already validated) and what comes out of it.
 
 use flamingo_model::candle::Tensor;
-use flamingo_model::generate::{FinishReason, Strategy};
+use flamingo_model::sampling::{FinishReason, Strategy};
 
-use crate::EngineError;
+use crate::error::{EngineError, RequestError};
 
 /// Content hash of an image's bytes plus the preprocessing settings that produced its pixels.
 pub type MediaKey = [u8; 32];
@@ -49,6 +49,49 @@ pub struct StopParams {
 /// The largest beam count a request may ask for.
 pub const MAX_BEAMS: usize = 16;
 
+/// What requests are checked against, from the served model ([`Backend::spec`](crate::Backend::spec)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub vocab_size: usize,
+    /// The `<image>` token, whose occurrences introduce the request's media in order.
+    pub media_token_id: Option<u32>,
+    /// Self-attention KV bytes one token adds (for admission).
+    pub kv_bytes_per_token: usize,
+}
+
+impl ModelSpec {
+    /// KV bytes a request reserves while it runs: its prompt, and `max_new_tokens` for each of
+    /// its beams.
+    pub fn kv_reservation(&self, prompt_tokens: usize, sampling: &SamplingParams, max_new_tokens: usize) -> usize {
+        let beams = sampling.strategy.rows();
+        prompt_tokens.saturating_add(beams.saturating_mul(max_new_tokens)).saturating_mul(self.kv_bytes_per_token)
+    }
+
+    /// Refuses a request whose KV reservation is larger than the whole `budget` (it could
+    /// never be admitted).
+    pub fn check_budget(
+        &self,
+        prompt_tokens: usize,
+        sampling: &SamplingParams,
+        max_new_tokens: usize,
+        budget: usize,
+    ) -> Result<(), RequestError> {
+        let need = self.kv_reservation(prompt_tokens, sampling, max_new_tokens);
+        if need <= budget {
+            return Ok(());
+        }
+        let beams = sampling.strategy.rows();
+        Err(RequestError::OverBudget {
+            prompt_tokens,
+            max_new_tokens,
+            beams,
+            new_tokens: beams.saturating_mul(max_new_tokens),
+            need,
+            budget,
+        })
+    }
+}
+
 /// A request the engine accepts: built only through [`ValidRequest::new`], which checks it.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
@@ -59,44 +102,54 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
-    /// Checks the request against the model: one media item per `<image>` token, a non-empty
-    /// prompt, ids inside the vocabulary, sane sampling parameters.
+    /// Checks the request against the model: a non-empty prompt with ids inside the vocabulary,
+    /// one media item per `<image>` token, sane sampling and stopping parameters.
     pub fn new(
         prompt: Vec<u32>,
         media: Vec<PreparedMedia>,
         sampling: SamplingParams,
         stop: StopParams,
-        media_token_id: u32,
-        vocab_size: usize,
-    ) -> Result<Self, EngineError> {
+        spec: &ModelSpec,
+    ) -> Result<Self, RequestError> {
         if prompt.is_empty() {
-            return Err(EngineError::Invalid("the prompt is empty".into()));
+            return Err(RequestError::EmptyPrompt);
         }
-        let n = prompt.iter().filter(|&&t| t == media_token_id).count();
-        if n != media.len() {
-            return Err(EngineError::Invalid(format!("the prompt has {n} <image> tokens but {} images were given", media.len())));
+        let tokens = spec.media_token_id.map_or(0, |mt| prompt.iter().filter(|&&t| t == mt).count());
+        if tokens != media.len() {
+            return Err(RequestError::MediaCount { tokens, media: media.len() });
         }
-        if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
-            return Err(EngineError::Invalid(format!("token id {t} is outside the vocabulary")));
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= spec.vocab_size) {
+            return Err(RequestError::UnknownToken(t));
         }
-        if let Strategy::Beam { num_beams, .. } = sampling.strategy {
-            if num_beams > MAX_BEAMS {
-                return Err(EngineError::Invalid(format!("num_beams must be at most {MAX_BEAMS}")));
-            }
+        let bad = |m: &str| Err(RequestError::Sampling(m.into()));
+        if stop.max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1");
         }
-        let cfg = flamingo_model::generate::GenerationConfig {
-            strategy: sampling.strategy.clone(),
-            max_new_tokens: stop.max_new_tokens,
-            repetition_penalty: sampling.repetition_penalty,
-            stop_token_ids: stop.stop_token_ids.clone(),
-            stop_strings: vec![],
-        };
-        cfg.validate().map_err(|e| EngineError::Invalid(e.to_string()))?;
+        if !(sampling.repetition_penalty > 0.0 && sampling.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty must be a positive number");
+        }
+        if sampling.strategy.rows() > MAX_BEAMS {
+            return Err(RequestError::Sampling(format!("num_beams must be at most {MAX_BEAMS}")));
+        }
+        sampling.strategy.check().map_err(RequestError::Sampling)?;
         Ok(Self { prompt, media, sampling, stop })
     }
 
     pub fn prompt(&self) -> &[u32] {
         &self.prompt
+    }
+
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.sampling
+    }
+
+    pub fn stop(&self) -> &StopParams {
+        &self.stop
+    }
+
+    /// The content keys of the request's media, in order.
+    pub(crate) fn media_keys(&self) -> Vec<MediaKey> {
+        self.media.iter().map(|m| m.key).collect()
     }
 }
 
@@ -113,7 +166,8 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenEvent {
     pub id: u32,
-    /// Log-probability of the token under the model (after the repetition penalty), when asked.
+    /// Log-probability of the token under the model's distribution (before the repetition
+    /// penalty and the sampling warpers), when asked.
     pub logprob: Option<f32>,
     /// The most likely alternatives `(id, logprob)`, when asked.
     pub top_logprobs: Vec<(u32, f32)>,
@@ -132,6 +186,6 @@ pub enum Event {
         reason: FinishReason,
         usage: Usage,
     },
-    /// The request failed inside the engine; nothing more follows.
-    Error(String),
+    /// The request failed in the engine; nothing more follows.
+    Error(EngineError),
 }

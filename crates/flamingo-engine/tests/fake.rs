@@ -3,15 +3,20 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use flamingo_engine::{media_key, Backend, EngineError, Event, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest};
+use flamingo_engine::{
+    media_key, Backend, BackendError, Engine, EngineError, Event, ModelSpec, PreparedMedia, RequestError, SamplingParams, Scheduler,
+    StopParams, ValidRequest,
+};
 use flamingo_model::candle::{Device, Tensor};
-use flamingo_model::generate::{FinishReason, Strategy};
+use flamingo_model::sampling::{FinishReason, Strategy};
 use flamingo_model::Input;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 const VOCAB: usize = 97;
 const MEDIA: u32 = 96;
 const EOS: u32 = 95;
+/// What the fake's requests are checked against (the KV size of `Fake::default()`).
+const SPEC: ModelSpec = ModelSpec { vocab_size: VOCAB, media_token_id: Some(MEDIA), kv_bytes_per_token: 0 };
 
 /// A deterministic fake: the "next token" is a hash of everything the sequence has seen
 /// (tokens and attached media), so any mistake in state handling changes the output.
@@ -32,8 +37,8 @@ impl Backend for Fake {
     type Media = u32;
     type Block = Vec<u32>;
 
-    fn vocab_size(&self) -> usize {
-        VOCAB
+    fn spec(&self) -> ModelSpec {
+        ModelSpec { vocab_size: VOCAB, media_token_id: Some(MEDIA), kv_bytes_per_token: self.bytes_per_token }
     }
     fn new_state(&self) -> FakeState {
         FakeState { seen: vec![], media: vec![] }
@@ -41,18 +46,18 @@ impl Backend for Fake {
     fn media_depends_on_position(&self) -> bool {
         false
     }
-    fn encode(&self, media: &PreparedMedia, _position: usize) -> Result<u32, String> {
+    fn encode(&self, media: &PreparedMedia, _position: usize) -> Result<u32, BackendError> {
         self.encodes.fetch_add(1, Ordering::SeqCst);
         Ok(media.key[0] as u32)
     }
     fn media_bytes(&self, _m: &u32) -> usize {
         100
     }
-    fn attach(&self, state: &mut FakeState, media: &[&u32]) -> Result<(), String> {
+    fn attach(&self, state: &mut FakeState, media: &[&u32]) -> Result<(), BackendError> {
         state.media.extend(media.iter().map(|m| **m));
         Ok(())
     }
-    fn forward(&self, states: &mut [&mut FakeState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, String> {
+    fn forward(&self, states: &mut [&mut FakeState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError> {
         self.batches.lock().unwrap().push(inputs.iter().map(|i| i.len()).collect());
         Ok(states
             .iter_mut()
@@ -72,22 +77,19 @@ impl Backend for Fake {
             })
             .collect())
     }
-    fn fork(&self, s: &FakeState) -> Result<FakeState, String> {
+    fn fork(&self, s: &FakeState) -> Result<FakeState, BackendError> {
         Ok(FakeState { seen: s.seen.clone(), media: s.media.clone() })
     }
     fn state_bytes(&self, s: &FakeState) -> usize {
         s.seen.len() * self.bytes_per_token
     }
-    fn kv_bytes_per_token(&self) -> usize {
-        self.bytes_per_token
-    }
-    fn snapshot(&self, s: &FakeState, start: usize, len: usize, _media: usize) -> Result<Vec<u32>, String> {
+    fn snapshot(&self, s: &FakeState, start: usize, len: usize, _media: usize) -> Result<Vec<u32>, BackendError> {
         Ok(s.seen[start..start + len].to_vec())
     }
     fn block_bytes(&self, b: &Vec<u32>) -> usize {
         b.len() * 4
     }
-    fn restore(&self, s: &mut FakeState, blocks: &[&Vec<u32>], _capacity: usize) -> Result<(), String> {
+    fn restore(&self, s: &mut FakeState, blocks: &[&Vec<u32>], _capacity: usize) -> Result<(), BackendError> {
         for b in blocks {
             s.seen.extend_from_slice(b);
         }
@@ -100,15 +102,8 @@ fn image(tag: u8) -> PreparedMedia {
 }
 
 fn request(prompt: Vec<u32>, media: Vec<PreparedMedia>, max_new: usize) -> ValidRequest {
-    ValidRequest::new(
-        prompt,
-        media,
-        SamplingParams::default(),
-        StopParams { max_new_tokens: max_new, stop_token_ids: vec![EOS] },
-        MEDIA,
-        VOCAB,
-    )
-    .unwrap()
+    ValidRequest::new(prompt, media, SamplingParams::default(), StopParams { max_new_tokens: max_new, stop_token_ids: vec![EOS] }, &SPEC)
+        .unwrap()
 }
 
 fn cfg() -> flamingo_engine::EngineConfig {
@@ -131,7 +126,7 @@ fn prompt(len: usize, seed: u32) -> Vec<u32> {
 fn drain(s: &mut Scheduler<Fake>, rx: &mut [UnboundedReceiver<Event>]) -> Vec<(Vec<u32>, Option<Event>)> {
     let mut guard = 0;
     while s.has_work() {
-        s.step(Some(MEDIA));
+        s.step();
         guard += 1;
         assert!(guard < 10_000, "scheduler does not finish");
     }
@@ -164,7 +159,7 @@ fn budgets_are_respected_and_prefill_is_chunked() {
     let mut rx: Vec<_> = (0..10).map(|i| submit(&mut s, request(prompt(40, i), vec![], 5))).collect();
     let mut max_running = 0;
     while s.has_work() {
-        let r = s.step(Some(MEDIA));
+        let r = s.step();
         assert!(r.prefill_tokens + r.decode_tokens <= 64, "{r:?}");
         assert!(r.sequences <= 4);
         max_running = max_running.max(s.running_len());
@@ -183,13 +178,13 @@ fn decode_interleaves_with_chunked_prefill() {
     let fake = Fake::default();
     let mut s = Scheduler::new(fake.clone(), flamingo_engine::EngineConfig { max_batched_tokens: 16, ..cfg() });
     let _a = submit(&mut s, request(prompt(4, 1), vec![], 50));
-    s.step(Some(MEDIA)); // A prefilled, first token
+    s.step(); // A prefilled, first token
     let _b = submit(&mut s, request(prompt(100, 2), vec![], 5));
-    let r = s.step(Some(MEDIA));
+    let r = s.step();
     // A decodes one token while B prefills a 15-token chunk in the same forward.
     assert_eq!(r.decode_tokens, 1);
     assert_eq!(r.prefill_tokens, 15);
-    let r = s.step(Some(MEDIA));
+    let r = s.step();
     assert_eq!((r.decode_tokens, r.prefill_tokens), (1, 15));
 }
 
@@ -199,7 +194,7 @@ fn admission_is_first_come_first_served() {
     let mut rx: Vec<_> = (0..5).map(|i| submit(&mut s, request(prompt(10, i), vec![], 3))).collect();
     let mut order = vec![];
     while s.has_work() {
-        s.step(Some(MEDIA));
+        s.step();
         for id in s.running_ids() {
             if order.last() != Some(&id) {
                 order.push(id);
@@ -216,14 +211,18 @@ fn kv_budget_holds_requests_back() {
     // Each request reserves (10 + 10) * 10 = 200 bytes; the budget fits two.
     let mut s = Scheduler::new(fake, flamingo_engine::EngineConfig { kv_budget_bytes: 450, ..cfg() });
     let mut rx: Vec<_> = (0..4).map(|i| submit(&mut s, request(prompt(10, i), vec![], 10))).collect();
-    s.step(Some(MEDIA));
+    s.step();
     assert_eq!(s.running_len(), 2);
     assert_eq!(s.reserved_bytes(), 400);
     assert_eq!(s.waiting_len(), 2);
-    // A request larger than the whole budget fails instead of blocking the queue forever.
-    let mut big = submit(&mut s, request(prompt(100, 9), vec![], 10));
+    // A request larger than the whole budget is refused at once instead of blocking the queue
+    // forever (and nothing is reserved for it).
+    let (tx, _big) = unbounded_channel();
+    let refused = s.submit(request(prompt(100, 9), vec![], 10), tx);
+    assert!(matches!(&refused, Err(EngineError::Request(RequestError::OverBudget { need: 1100, budget: 450, .. }))), "{refused:?}");
+    assert!(refused.unwrap_err().to_string().contains("KV cache"));
+    assert_eq!(s.waiting_len(), 2);
     drain(&mut s, &mut rx);
-    assert!(matches!(big.try_recv(), Ok(Event::Error(e)) if e.contains("KV cache")));
     assert_eq!(s.reserved_bytes(), 0);
 }
 
@@ -242,12 +241,12 @@ fn dropping_the_stream_cancels_and_frees_memory() {
     let mut s = Scheduler::new(fake, cfg());
     let a = submit(&mut s, request(prompt(10, 1), vec![], 1000));
     let mut b = submit(&mut s, request(prompt(10, 2), vec![], 10));
-    s.step(Some(MEDIA));
-    s.step(Some(MEDIA));
+    s.step();
+    s.step();
     assert_eq!(s.running_len(), 2);
     assert!(s.state_bytes() > 0);
     drop(a);
-    let r = s.step(Some(MEDIA));
+    let r = s.step();
     assert_eq!(r.cancelled, 1);
     assert_eq!(s.running_len(), 1);
     assert_eq!(s.reserved_bytes(), (10 + 10) * 10);
@@ -331,26 +330,46 @@ fn invalid_requests_are_refused_before_the_queue() {
         vec![],
         SamplingParams::default(),
         StopParams { max_new_tokens: 3, stop_token_ids: vec![] },
-        MEDIA,
-        VOCAB,
+        &SPEC,
     );
-    assert!(matches!(bad, Err(EngineError::Invalid(e)) if e.contains("1 <image> tokens but 0 images")));
-    let bad = ValidRequest::new(
-        vec![500],
-        vec![],
-        SamplingParams::default(),
-        StopParams { max_new_tokens: 3, stop_token_ids: vec![] },
-        MEDIA,
-        VOCAB,
+    assert_eq!(bad.as_ref().err(), Some(&RequestError::MediaCount { tokens: 1, media: 0 }));
+    assert!(bad.unwrap_err().to_string().contains("1 <image> tokens but 0 images"));
+    let bad =
+        ValidRequest::new(vec![500], vec![], SamplingParams::default(), StopParams { max_new_tokens: 3, stop_token_ids: vec![] }, &SPEC);
+    assert_eq!(bad.err(), Some(RequestError::UnknownToken(500)));
+    let bad =
+        ValidRequest::new(vec![1], vec![], SamplingParams::default(), StopParams { max_new_tokens: 0, stop_token_ids: vec![] }, &SPEC);
+    assert!(matches!(bad, Err(RequestError::Sampling(_))));
+}
+
+/// Regression (bug: a beam-search request whose KV need, x num_beams, exceeded the engine's
+/// budget was accepted and then failed inside the engine, which the server reported as a 500).
+/// The engine refuses it when it is submitted, as the request's own mistake.
+#[test]
+fn beam_request_over_the_kv_budget_is_refused_at_submit() {
+    let fake = Fake { bytes_per_token: 10, ..Default::default() };
+    let spec = fake.spec();
+    // 10 prompt tokens + 10 new ones fit 300 bytes; with 4 beams the request needs 500.
+    let engine = Engine::start(fake, flamingo_engine::EngineConfig { kv_budget_bytes: 300, ..cfg() });
+    let beams =
+        SamplingParams { strategy: Strategy::Beam { num_beams: 4, length_penalty: 1.0, early_stopping: false }, ..Default::default() };
+    let stop = StopParams { max_new_tokens: 10, stop_token_ids: vec![EOS] };
+    let beam = ValidRequest::new(prompt(10, 1), vec![], beams.clone(), stop.clone(), &spec).unwrap();
+    let refused = engine.submit(beam).err();
+    assert!(
+        matches!(&refused, Some(EngineError::Request(RequestError::OverBudget { beams: 4, need: 500, budget: 300, .. }))),
+        "{refused:?}"
     );
-    assert!(bad.is_err());
-    let bad = ValidRequest::new(
-        vec![1],
-        vec![],
-        SamplingParams::default(),
-        StopParams { max_new_tokens: 0, stop_token_ids: vec![] },
-        MEDIA,
-        VOCAB,
-    );
-    assert!(bad.is_err());
+    assert!(refused.is_some_and(|e| e.is_request_error()));
+    assert_eq!(engine.check_budget(10, &beams, 10).err().map(|e| e.to_string().contains("KV cache")), Some(true));
+    // The same request with one sequence runs.
+    let one = ValidRequest::new(prompt(10, 1), vec![], SamplingParams::default(), stop, &spec).unwrap();
+    let mut rx = engine.submit(one).unwrap();
+    loop {
+        match rx.blocking_recv().expect("a finish event") {
+            Event::Finished { .. } => break,
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
 }

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use flamingo_engine::{media_key, Engine, EngineConfig, Event, PreparedMedia, SamplingParams, StopParams, ValidRequest};
+use flamingo_engine::{media_key, Backend, Engine, EngineConfig, Event, PreparedMedia, SamplingParams, StopParams, ValidRequest};
 use flamingo_model::candle::{DType, Device};
-use flamingo_model::generate::{FinishReason, Strategy};
 use flamingo_model::preprocess::{preprocess, ImageLimits};
+use flamingo_model::sampling::{FinishReason, Strategy};
 use flamingo_model::Loaded;
 
 fn root() -> PathBuf {
@@ -42,8 +42,7 @@ fn build(l: &Loaded, r: &Req, stop: Vec<u32>) -> ValidRequest {
         r.images.iter().map(|n| media(n)).collect(),
         r.sampling.clone(),
         StopParams { max_new_tokens: r.max_new, stop_token_ids: stop },
-        l.tokenizer.media_token_id(),
-        l.model.vocab_size(),
+        &l.model.spec(),
     )
     .unwrap()
 }
@@ -78,19 +77,18 @@ fn engine_greedy_matches_reference_alone_and_in_a_batch_of_32() {
             max_new: p3["greedy"]["max_new_tokens"].as_u64().unwrap() as usize,
         };
         let want = ids(&p3["greedy"]["ids"]);
-        let media_id = tok.media_token_id();
         let stop = vec![eoc];
         let cfg = EngineConfig { max_running: 32, max_batched_tokens: 256, ..Default::default() };
 
         // Alone.
-        let engine = Engine::start(load(case).0.model, cfg.clone(), Some(media_id));
+        let engine = Engine::start(load(case).0.model, cfg.clone());
         let (alone, fin) = collect(engine.submit(build(&l, &target, stop.clone())).unwrap());
         assert_eq!(alone, want, "{case}: engine greedy vs reference");
         assert!(matches!(fin, Event::Finished { .. }));
         drop(engine);
 
         // In a batch of 32 mixed requests: other images, lengths, sampling settings.
-        let engine = Engine::start(load(case).0.model, cfg.clone(), Some(media_id));
+        let engine = Engine::start(load(case).0.model, cfg.clone());
         let others = ["small.png", "rgba.png", "palette.png", "coffee.jpg", "camera.png"];
         let mut streams = Vec::new();
         let mut target_index = 0;
@@ -130,7 +128,7 @@ fn cache_hits_give_identical_tokens() {
     let r = Req { prompt: ids(&p3["input_ids"]), images: vec!["chelsea.png", "coffee.png", "camera.png"], sampling: greedy(), max_new: 12 };
     let stop = vec![l.tokenizer.eoc_token_id()];
     let cfg = EngineConfig { block_size: 8, ..Default::default() };
-    let engine = Engine::start(load("mosaicgpt_x1").0.model, cfg, Some(l.tokenizer.media_token_id()));
+    let engine = Engine::start(load("mosaicgpt_x1").0.model, cfg);
     let (miss, fin_miss) = collect(engine.submit(build(&l, &r, stop.clone())).unwrap());
     let (hit, fin_hit) = collect(engine.submit(build(&l, &r, stop.clone())).unwrap());
     assert_eq!(miss, ids(&p3["greedy"]["ids"]));
@@ -159,7 +157,7 @@ fn a_prompt_diverging_mid_block_reuses_the_shared_rows_exactly() {
     let second = Req { prompt: base.clone(), images: images.clone(), sampling: greedy(), max_new: 12 };
     let cfg = EngineConfig { block_size: 8, ..Default::default() };
     assert_ne!((n - 2) % 8, 0, "the divergence must fall inside a block for this test");
-    let engine = Engine::start(load("mosaicgpt_x1").0.model, cfg, Some(l.tokenizer.media_token_id()));
+    let engine = Engine::start(load("mosaicgpt_x1").0.model, cfg);
     let _ = collect(engine.submit(build(&l, &first, stop.clone())).unwrap());
     let (hit, fin) = collect(engine.submit(build(&l, &second, stop.clone())).unwrap());
     assert_eq!(hit, ids(&p3["greedy"]["ids"]), "a partial-block hit gives the reference's tokens");
@@ -186,7 +184,7 @@ fn engine_beam_search_matches_reference() {
     for case in ["mpt_x2", "gptneox_x1", "mosaicgpt_x1"] {
         let (l, exp) = load(case);
         let stop = vec![l.tokenizer.eoc_token_id()];
-        let engine = Engine::start(load(case).0.model, EngineConfig::default(), Some(l.tokenizer.media_token_id()));
+        let engine = Engine::start(load(case).0.model, EngineConfig::default());
         for (pi, images) in [(0usize, vec!["chelsea.png"]), (1, vec!["chelsea.png", "coffee.png", "camera.png"])] {
             let p = &exp["prompts"][pi];
             // Submit both beam settings and a greedy request together: beams share the batch.

@@ -14,7 +14,6 @@
 pub mod config;
 pub mod device;
 pub mod error;
-pub mod generate;
 pub mod lm;
 pub mod loader;
 pub mod manifest;
@@ -23,6 +22,7 @@ pub mod nn;
 pub mod perceiver;
 pub mod preprocess;
 pub mod random;
+pub mod sampling;
 pub mod skinny;
 pub mod state;
 pub mod tokenizer;

@@ -164,115 +164,29 @@ pub struct Loaded {
 pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgress) -> Result<Loaded> {
     crate::device::check_supported(device, dtype)?;
     let files = ModelFiles::resolve(dir)?;
-    let overrides: Overrides = match &files.overrides {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::file(p, e))?;
-            toml::from_str(&text).map_err(|e| Error::file(p, e))?
-        }
-        None => Overrides::default(),
-    };
+    let overrides = read_overrides(&files)?;
 
     progress.stage("reading configs and tokenizer");
     let lm_config = read_json(&files.lm_config)?;
-    let model_type = lm_config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    let family = LmFamily::from_model_type(model_type).ok_or_else(|| {
-        Error::file(
-            &files.lm_config,
-            format!("unknown language-model family `{model_type}` (model_type); supported: {}", LmFamily::SUPPORTED),
-        )
-    })?;
+    let family = lm_family(&lm_config, &files.lm_config)?;
     let layers_path = family.decoder_layers_path();
     let mut vision_cfg = vision_config(&files.clip_config, &overrides)?;
     let tokenizer = FlamingoTokenizer::from_lm_dir(&files.lm_dir)?;
 
     progress.stage("indexing weights");
-    let mut store = WeightStore::new();
-    let (clip_idx, clip_names) = store.open(&files.clip_weights)?;
-    for n in clip_names {
-        if n.starts_with("visual.") {
-            store.insert(n.clone(), clip_idx, n);
-        }
-    }
-    store.set_home("visual.", "visual.", files.clip_weights.display().to_string());
-    let lm_list = files.lm_weights.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-    for p in &files.lm_weights {
-        let (idx, names) = store.open(p)?;
-        for n in names {
-            store.insert(n.clone(), idx, n);
-        }
-    }
-    store.set_home("", "", lm_list);
-    let (ck_idx, ck_names) = store.open(&files.checkpoint)?;
-    let mut gated = BTreeSet::new();
-    for n in ck_names {
-        if let Some(m) = map_checkpoint_key(&n, layers_path) {
-            if let Some(rest) = m.strip_prefix(layers_path).and_then(|r| r.strip_prefix('.')) {
-                if let Some((i, tail)) = rest.split_once('.') {
-                    if tail.starts_with("gated_cross_attn_layer.") {
-                        if let Ok(i) = i.parse::<usize>() {
-                            gated.insert(i);
-                        }
-                    }
-                }
-            }
-            store.insert(m, ck_idx, n);
-        }
-    }
-    let ck = files.checkpoint.display().to_string();
-    store.set_home("perceiver.", "perceiver.", ck.clone());
-    // Gated-layer keys live in the checkpoint, under the decoder-layer path.
-    store.set_home_containing(".gated_cross_attn_layer.", "lang_encoder.", ck.clone());
-
-    // Vision width: from the tower's weights.
-    let conv = store.shape("visual.conv1.weight")?;
-    if conv.len() != 4 || conv[0] != vision_cfg.width {
+    let (store, gated) = index_weights(&files, layers_path)?;
+    vision_cfg.width = vision_width(&store, &files, vision_cfg.width)?;
+    let perceiver_cfg = perceiver_config(&store, &files, vision_cfg.width, &overrides)?;
+    let Some(&first_gated) = gated.first() else {
         return Err(Error::file(
-            &files.clip_weights,
-            format!("visual.conv1.weight has shape {conv:?}, but vision_cfg.width is {}", vision_cfg.width),
+            &files.checkpoint,
+            format!("no gated cross-attention layers (keys lang_encoder.{layers_path}.N.gated_cross_attn_layer.*)"),
         ));
-    }
-    vision_cfg.width = conv[0];
-
-    // Perceiver geometry from its weights.
-    let latents = store.shape("perceiver.latents")?;
-    if latents.len() != 2 || latents[1] != vision_cfg.width {
-        return Err(Error::file(&files.checkpoint, format!("perceiver.latents has shape {latents:?}, expected [n, {}]", vision_cfg.width)));
-    }
-    // Depth: one past the highest layer index of any perceiver key (so a missing tensor inside a
-    // layer is reported instead of silently shortening the resampler).
-    let depth = store
-        .names()
-        .filter_map(|n| n.strip_prefix("perceiver.layers.")?.split_once('.')?.0.parse::<usize>().ok())
-        .max()
-        .map_or(0, |m| m + 1);
-    if depth == 0 {
-        return Err(Error::file(&files.checkpoint, "no perceiver layers (keys perceiver.layers.N.*)"));
-    }
-    let p_inner = store.shape("perceiver.layers.0.0.to_q.weight")?[0];
-    let p_dim_head = overrides.perceiver.dim_head.unwrap_or(64);
-    let p_ff = store.shape("perceiver.layers.0.1.1.weight")?[0];
-    let rows = |name: &str| -> Result<Option<usize>> {
-        if store.contains(name) {
-            Ok(Some(store.shape(name)?[0]))
-        } else {
-            Ok(None)
-        }
     };
-    let perceiver_cfg = PerceiverConfig {
-        dim: vision_cfg.width,
-        depth,
-        heads: p_inner / p_dim_head,
-        dim_head: p_dim_head,
-        num_latents: latents[0],
-        ff_mult: p_ff / vision_cfg.width,
-        max_num_frames: rows("perceiver.frame_embs")?,
-        max_num_media: rows("perceiver.media_time_embs")?,
-    };
-    if p_inner % p_dim_head != 0 || p_ff % vision_cfg.width != 0 {
-        return Err(Error::file(&files.checkpoint, "perceiver weights do not match dim_head / ff_mult"));
-    }
+    let x_prefix = format!("{layers_path}.{first_gated}.gated_cross_attn_layer");
+    let x_inner = store.rows(&format!("{x_prefix}.attn.to_q.weight"), 2)?;
+    let x_ff = store.rows(&format!("{x_prefix}.ff.1.weight"), 2)?;
 
-    // Language model.
     progress.stage("loading language model");
     let vocab_rows = tokenizer.len();
     let vb = VarBuilder::from_backend(Box::new(store), dtype, device.clone());
@@ -284,44 +198,16 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
     };
     let lm = lm_load(&lm_config, vocab_rows, vb.clone()).map_err(|e| load_error(e, &files.lm_config))?;
     let num_layers = lm.num_layers();
-
-    // Gated cross-attention placement.
-    let gated: Vec<usize> = gated.into_iter().collect();
-    if gated.is_empty() {
-        return Err(Error::file(
-            &files.checkpoint,
-            format!("no gated cross-attention layers (keys lang_encoder.{layers_path}.N.gated_cross_attn_layer.*)"),
-        ));
-    }
-    if let Some(&bad) = gated.iter().find(|&&i| i >= num_layers) {
-        return Err(Error::file(&files.checkpoint, format!("gated cross-attention layer {bad} but the LM has {num_layers} layers")));
-    }
-    let interval = infer_interval(&gated, num_layers);
-    let gated = match overrides.cross_attn_every_n_layers {
-        Some(n) if n > 0 => {
-            let want: Vec<usize> = (0..num_layers).filter(|i| (i + 1) % n == 0).collect();
-            if want != gated {
-                return Err(Error::Config(format!(
-                    "flamingo.toml says cross_attn_every_n_layers = {n}, but the checkpoint has gated layers {gated:?}"
-                )));
-            }
-            want
-        }
-        Some(_) => return Err(Error::Config("cross_attn_every_n_layers must be >= 1".into())),
-        None => gated,
-    };
-    let x_prefix = format!("{layers_path}.{}.gated_cross_attn_layer", gated[0]);
-    let vbx = vb.pp(&x_prefix);
-    let x_inner = shape_of(&vbx, "attn.to_q.weight")?[0];
-    let x_dim_head = overrides.xattn.dim_head.unwrap_or(64);
-    let x_ff = shape_of(&vbx, "ff.1.weight")?[0];
+    let (gated, interval) = gated_placement(gated, num_layers, &overrides, &files)?;
+    let (heads, dim_head) = heads(x_inner, overrides.xattn.dim_head, "xattn")?;
     let xattn_cfg = XattnConfig {
         dim: lm.hidden_size(),
         dim_visual: vision_cfg.width,
-        heads: x_inner / x_dim_head,
-        dim_head: x_dim_head,
-        ff_mult: x_ff / lm.hidden_size(),
+        heads,
+        dim_head,
+        ff_mult: multiple(x_ff, lm.hidden_size(), "the cross-attention feed-forward width", &files.checkpoint)?,
     };
+
     progress.stage("loading cross-attention, perceiver and vision tower");
     let mut xattn: Vec<Option<GatedCrossAttentionBlock>> = (0..num_layers).map(|_| None).collect();
     for &i in &gated {
@@ -348,8 +234,152 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
     Ok(Loaded { model, tokenizer, files })
 }
 
-fn shape_of(vb: &VarBuilder, name: &str) -> Result<Vec<usize>> {
-    Ok(vb.get_unchecked_dtype(name, DType::F32)?.dims().to_vec())
+/// `DIR/flamingo.toml`, if there is one.
+fn read_overrides(files: &ModelFiles) -> Result<Overrides> {
+    match &files.overrides {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::file(p, e))?;
+            toml::from_str(&text).map_err(|e| Error::file(p, e))
+        }
+        None => Ok(Overrides::default()),
+    }
+}
+
+fn lm_family(lm_config: &serde_json::Value, path: &Path) -> Result<LmFamily> {
+    let model_type = lm_config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    LmFamily::from_model_type(model_type).ok_or_else(|| {
+        Error::file(path, format!("unknown language-model family `{model_type}` (model_type); supported: {}", LmFamily::SUPPORTED))
+    })
+}
+
+/// Every tensor of the three sources under its model-side name (the vision tower's from the
+/// open_clip file, the LM's, then the checkpoint's, which override the LM's), and the decoder
+/// layers the checkpoint has gated cross-attention blocks for, in order.
+fn index_weights(files: &ModelFiles, layers_path: &str) -> Result<(WeightStore, Vec<usize>)> {
+    let mut store = WeightStore::new();
+    let (clip_idx, clip_names) = store.open(&files.clip_weights)?;
+    for n in clip_names {
+        if n.starts_with("visual.") {
+            store.insert(n.clone(), clip_idx, n);
+        }
+    }
+    store.set_home("visual.", "visual.", files.clip_weights.display().to_string());
+    let lm_list = files.lm_weights.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    for p in &files.lm_weights {
+        let (idx, names) = store.open(p)?;
+        for n in names {
+            store.insert(n.clone(), idx, n);
+        }
+    }
+    store.set_home("", "", lm_list);
+    let (ck_idx, ck_names) = store.open(&files.checkpoint)?;
+    let mut gated = BTreeSet::new();
+    for n in ck_names {
+        if let Some(m) = map_checkpoint_key(&n, layers_path) {
+            if let Some((i, tail)) = m.strip_prefix(layers_path).and_then(|r| r.strip_prefix('.')).and_then(|r| r.split_once('.')) {
+                if tail.starts_with("gated_cross_attn_layer.") {
+                    if let Ok(i) = i.parse::<usize>() {
+                        gated.insert(i);
+                    }
+                }
+            }
+            store.insert(m, ck_idx, n);
+        }
+    }
+    let ck = files.checkpoint.display().to_string();
+    store.set_home("perceiver.", "perceiver.", ck.clone());
+    // Gated-layer keys live in the checkpoint, under the decoder-layer path.
+    store.set_home_containing(".gated_cross_attn_layer.", "lang_encoder.", ck);
+    Ok((store, gated.into_iter().collect()))
+}
+
+/// The vision width, from the tower's weights (it must agree with `vision_cfg.width`).
+fn vision_width(store: &WeightStore, files: &ModelFiles, configured: usize) -> Result<usize> {
+    let conv = store.shape("visual.conv1.weight")?;
+    match conv.first() {
+        Some(&w) if conv.len() == 4 && w == configured && w > 0 => Ok(w),
+        _ => Err(Error::file(&files.clip_weights, format!("visual.conv1.weight has shape {conv:?}, but vision_cfg.width is {configured}"))),
+    }
+}
+
+/// The Perceiver's geometry from its weights.
+fn perceiver_config(store: &WeightStore, files: &ModelFiles, dim: usize, overrides: &Overrides) -> Result<PerceiverConfig> {
+    let latents = store.shape("perceiver.latents")?;
+    if latents.len() != 2 || latents[1] != dim {
+        return Err(Error::file(&files.checkpoint, format!("perceiver.latents has shape {latents:?}, expected [n, {dim}]")));
+    }
+    // Depth: one past the highest layer index of any perceiver key (so a missing tensor inside a
+    // layer is reported instead of silently shortening the resampler).
+    let depth = store
+        .names()
+        .filter_map(|n| n.strip_prefix("perceiver.layers.")?.split_once('.')?.0.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1);
+    if depth == 0 {
+        return Err(Error::file(&files.checkpoint, "no perceiver layers (keys perceiver.layers.N.*)"));
+    }
+    let (heads, dim_head) = heads(store.rows("perceiver.layers.0.0.to_q.weight", 2)?, overrides.perceiver.dim_head, "perceiver")?;
+    let ff = store.rows("perceiver.layers.0.1.1.weight", 2)?;
+    let rows = |name: &str, rank: usize| -> Result<Option<usize>> {
+        if store.contains(name) {
+            store.rows(name, rank).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(PerceiverConfig {
+        dim,
+        depth,
+        heads,
+        dim_head,
+        num_latents: latents[0],
+        ff_mult: multiple(ff, dim, "the perceiver feed-forward width", &files.checkpoint)?,
+        // `frame_embs` is [F, d], `media_time_embs` [T, 1, d] in the reference.
+        max_num_frames: rows("perceiver.frame_embs", 2)?,
+        max_num_media: rows("perceiver.media_time_embs", 3)?,
+    })
+}
+
+/// `(heads, dim_head)` for an attention of `inner` width, `dim_head` from `[section]` of
+/// flamingo.toml (default 64, as in OpenFlamingo): it must divide the width.
+fn heads(inner: usize, dim_head: Option<usize>, section: &str) -> Result<(usize, usize)> {
+    let dim_head = dim_head.unwrap_or(64);
+    if dim_head == 0 || inner < dim_head || !inner.is_multiple_of(dim_head) {
+        return Err(Error::Config(format!(
+            "[{section}] dim_head = {dim_head} does not divide the {section} attention width {inner} (set `dim_head` in flamingo.toml)"
+        )));
+    }
+    Ok((inner / dim_head, dim_head))
+}
+
+/// `total / unit` when `total` is a positive multiple of `unit`.
+fn multiple(total: usize, unit: usize, what: &str, file: &Path) -> Result<usize> {
+    if unit == 0 || total == 0 || !total.is_multiple_of(unit) {
+        return Err(Error::file(file, format!("{what} {total} is not a multiple of the model width {unit}")));
+    }
+    Ok(total / unit)
+}
+
+/// The gated layers as flamingo.toml's `cross_attn_every_n_layers` says (it must agree with
+/// the checkpoint's keys), and the interval they follow, if any.
+fn gated_placement(gated: Vec<usize>, num_layers: usize, overrides: &Overrides, files: &ModelFiles) -> Result<(Vec<usize>, Option<usize>)> {
+    if let Some(&bad) = gated.iter().find(|&&i| i >= num_layers) {
+        return Err(Error::file(&files.checkpoint, format!("gated cross-attention layer {bad} but the LM has {num_layers} layers")));
+    }
+    let interval = infer_interval(&gated, num_layers);
+    match overrides.cross_attn_every_n_layers {
+        Some(n) if n > 0 => {
+            let want: Vec<usize> = (0..num_layers).filter(|i| (i + 1) % n == 0).collect();
+            if want != gated {
+                return Err(Error::Config(format!(
+                    "flamingo.toml says cross_attn_every_n_layers = {n}, but the checkpoint has gated layers {gated:?}"
+                )));
+            }
+            Ok((want, interval))
+        }
+        Some(_) => Err(Error::Config("cross_attn_every_n_layers must be >= 1".into())),
+        None => Ok((gated, interval)),
+    }
 }
 
 /// Errors from building modules come back as candle errors. Those raised by the weight store

@@ -19,7 +19,10 @@ use image::{DynamicImage, ImageFormat, ImageReader};
 
 use crate::error::{Error, Result};
 
+/// open_clip's OPENAI_DATASET_MEAN / _STD, written as open_clip writes them (the nearest f32 is
+/// what runs, as in the reference's float32 tensors).
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Limits applied before an image is decoded (decompression bombs are refused before any large

@@ -169,6 +169,14 @@ impl FlamingoTokenizer {
         self.bos_token_id
     }
 
+    /// The ids that end a generation: `<|endofchunk|>` (the end of an example in OpenFlamingo's
+    /// few-shot format) and the LM's eos, if it has one.
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        let mut ids = vec![self.eoc_token_id];
+        ids.extend(self.eos_token_id);
+        ids
+    }
+
     /// Encodes a Flamingo prompt as the reference does (`tokenizer(text)`): special tokens in the
     /// text (`<image>`, `<|endofchunk|>`) become their ids and the tokenizer's own post-processing
     /// (e.g. LLaMA's BOS) applies.
@@ -230,5 +238,65 @@ impl FlamingoTokenizer {
 
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
+    }
+
+    /// One token's text, special tokens included.
+    fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// A token's raw bytes (a byte-level or byte-fallback token may be part of a UTF-8
+    /// character, which its text cannot show).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let text = self.token_text(id);
+        if !text.contains('\u{FFFD}') {
+            return text.into_bytes();
+        }
+        let Some(piece) = self.inner.id_to_token(id) else { return text.into_bytes() };
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return vec![b];
+            }
+        }
+        piece.chars().map(byte_level_inverse).collect::<Option<Vec<u8>>>().unwrap_or_else(|| text.into_bytes())
+    }
+
+    /// A token as log-probabilities show it: its text, or `bytes:\xNN...` when it is not
+    /// whole UTF-8 (part of a character), as OpenAI writes such tokens.
+    pub fn token_label(&self, id: u32) -> String {
+        let text = self.token_text(id);
+        if !text.contains('\u{FFFD}') {
+            return text;
+        }
+        let bytes = self.token_bytes(id);
+        match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => "bytes:".to_string() + &e.as_bytes().iter().map(|b| format!("\\x{b:02x}")).collect::<String>(),
+        }
+    }
+}
+
+/// The inverse of GPT-2's byte-level alphabet (printable bytes map to themselves, the other 68
+/// bytes to U+0100.. in order).
+fn byte_level_inverse(c: char) -> Option<u8> {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let cp = c as u32;
+    if cp < 256 && printable(cp as u8) {
+        return Some(cp as u8);
+    }
+    let k = cp.checked_sub(256)? as usize;
+    (0u8..=255).filter(|&b| !printable(b)).nth(k)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_level_alphabet_inverts() {
+        assert_eq!(super::byte_level_inverse('A'), Some(b'A'));
+        assert_eq!(super::byte_level_inverse('\u{0120}'), Some(b' ')); // 'Ġ'
+        assert_eq!(super::byte_level_inverse('\u{010A}'), Some(b'\n')); // 'Ċ'
+        assert_eq!(super::byte_level_inverse('\u{0100}'), Some(0));
+        assert_eq!(super::byte_level_inverse('\u{0143}'), Some(0xAD));
+        assert_eq!(super::byte_level_inverse('\u{0144}'), None);
     }
 }

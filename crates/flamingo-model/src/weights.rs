@@ -153,6 +153,19 @@ impl WeightStore {
         }
     }
 
+    /// The leading dimension of a tensor of rank `rank` (the rows of a weight matrix), or an
+    /// error naming the file and the key when its rank differs.
+    pub fn rows(&self, name: &str, rank: usize) -> Result<usize> {
+        let shape = self.shape(name)?;
+        match shape.first() {
+            Some(&rows) if shape.len() == rank => Ok(rows),
+            _ => {
+                let (f, n) = self.keys.get(name).ok_or_else(|| self.missing(name))?;
+                Err(Error::file(&self.files[*f].path, format!("tensor `{n}` has shape {shape:?}, expected {rank} dimensions")))
+            }
+        }
+    }
+
     /// Loads a tensor by its model-side name, converted to `dtype` on `dev`.
     pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         let (f, n) = self.keys.get(name).ok_or_else(|| self.missing(name))?;

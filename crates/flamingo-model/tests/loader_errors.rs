@@ -137,3 +137,44 @@ fn cross_attn_interval_override_must_match_the_checkpoint() {
     assert!(load_err(&dir).contains("flamingo.toml"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Regression (bug: the loader read `shape()?[0]` of several checkpoint tensors, so a
+/// 0-dimensional tensor panicked instead of failing with the file and the key).
+#[test]
+fn zero_dimensional_tensor_is_an_error_naming_the_file_and_key() {
+    for key in [
+        "perceiver.layers.0.0.to_q.weight",
+        "perceiver.layers.0.1.1.weight",
+        "lang_encoder.transformer.blocks.0.gated_cross_attn_layer.attn.to_q.weight",
+        "lang_encoder.transformer.blocks.0.gated_cross_attn_layer.ff.1.weight",
+    ] {
+        let dir = copy_model("mpt_x1", "scalar");
+        rewrite_checkpoint(&dir, |t| {
+            let slot = t.iter_mut().find(|(k, _)| k == key).unwrap_or_else(|| panic!("fixture has no {key}"));
+            slot.1 = Tensor::new(1f32, &Device::Cpu).unwrap();
+        });
+        let e = load_err(&dir);
+        assert!(e.contains("checkpoint.safetensors") && e.contains(key.trim_start_matches("lang_encoder.")), "{key}: {e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+/// Regression (bug: `dim_head = 0` in flamingo.toml divided by zero, and a `dim_head` that does
+/// not divide the cross-attention width was accepted). Both are configuration errors.
+#[test]
+fn dim_head_zero_or_not_dividing_the_width_is_a_config_error() {
+    let inner = |dir: &Path, key: &str| -> usize {
+        let t = flamingo_model::candle::pickle::read_all(dir.join("checkpoint.pt")).unwrap();
+        t.into_iter().find(|(k, _)| k == key).unwrap().1.dim(0).unwrap()
+    };
+    let fixture = model_dir("mpt_x1");
+    let p_inner = inner(&fixture, "perceiver.layers.0.0.to_q.weight");
+    let x_inner = inner(&fixture, "lang_encoder.transformer.blocks.0.gated_cross_attn_layer.attn.to_q.weight");
+    for (section, dim_head) in [("perceiver", 0), ("xattn", 0), ("perceiver", p_inner + 1), ("xattn", x_inner + 1)] {
+        let dir = copy_model("mpt_x1", "dim-head");
+        std::fs::write(dir.join("flamingo.toml"), format!("[{section}]\ndim_head = {dim_head}\n")).unwrap();
+        let e = load_err(&dir);
+        assert!(e.contains("dim_head") && e.contains(section), "[{section}] dim_head = {dim_head}: {e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

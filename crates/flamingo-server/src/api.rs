@@ -1,120 +1,12 @@
-//! OpenAI wire types (requests as clients send them, responses as clients parse them) and the
-//! OpenAI error shape.
+//! OpenAI wire types: requests as clients send them, and every response body (and stream
+//! chunk) as clients parse them, serialised by serde. Log-probabilities are written as f64
+//! numbers (the f32 value widened), as OpenAI's are.
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use flamingo_model::sampling::FinishReason;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// An error as OpenAI returns it: `{"error": {"message", "type", "param", "code"}}`.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-    pub kind: &'static str,
-    pub param: Option<String>,
-    pub code: Option<&'static str>,
-    pub retry_after: Option<u64>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), kind, param: None, code: None, retry_after: None }
-    }
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-    }
-    pub fn param(mut self, p: impl Into<String>) -> Self {
-        self.param = Some(p.into());
-        self
-    }
-    pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self { code: Some("invalid_api_key"), ..Self::new(StatusCode::UNAUTHORIZED, "authentication_error", message) }
-    }
-    pub fn model_not_found(model: &str, served: &str) -> Self {
-        Self {
-            code: Some("model_not_found"),
-            param: Some("model".into()),
-            ..Self::new(
-                StatusCode::NOT_FOUND,
-                "not_found_error",
-                format!("the model `{model}` does not exist; this server serves `{served}`"),
-            )
-        }
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
-    }
-    pub fn method_not_allowed(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", message)
-    }
-    pub fn too_large(limit: usize) -> Self {
-        Self {
-            code: Some("request_too_large"),
-            ..Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the request body is larger than {limit} bytes"))
-        }
-    }
-    pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
-        Self {
-            code: Some("overloaded"),
-            retry_after: Some(retry_after),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
-        }
-    }
-    pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
-        Self {
-            code: Some("unavailable"),
-            retry_after: Some(retry_after),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable_error", message)
-        }
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
-    }
-
-    /// The JSON body (also what a stream sends as `data: {"error": ...}`).
-    pub fn body(&self) -> Value {
-        serde_json::json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut r = (self.status, axum::Json(self.body())).into_response();
-        if let Some(s) = self.retry_after {
-            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-        }
-        r
-    }
-}
-
-/// Parses a JSON body, naming the offending field in the error.
-pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let msg = if inner.is_syntax() || inner.is_eof() {
-            format!("the body is not valid JSON: {inner}")
-        } else if path == "." {
-            format!("invalid request: {inner}")
-        } else {
-            format!("invalid value for `{path}`: {inner}")
-        };
-        let err = ApiError::bad_request(msg);
-        if path == "." || path == "?" || path.is_empty() || msg_is_syntax(&err) {
-            err
-        } else {
-            err.param(path)
-        }
-    })
-}
-
-fn msg_is_syntax(e: &ApiError) -> bool {
-    e.message.starts_with("the body is not valid JSON")
-}
+// ---- requests ----
 
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
@@ -250,11 +142,81 @@ impl UsageBody {
     }
 }
 
+/// A whole (non-streamed) completion: `chat.completion` or `text_completion`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionBody<C> {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// Always null (no fingerprint is kept).
+    pub system_fingerprint: Option<String>,
+    pub choices: Vec<C>,
+    pub usage: UsageBody,
+}
+
+/// One streamed chunk: `chat.completion.chunk` or `text_completion`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChunkBody<C> {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: Option<String>,
+    pub choices: Vec<C>,
+    /// Present only when the client asked for usage (`stream_options.include_usage`): null on
+    /// every chunk but the last, which has no choices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<UsageBody>>,
+}
+
+/// A chat choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: FinishReason,
+    /// Extension (`return_token_ids`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AssistantMessage {
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// A streamed chat choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// What a chat chunk adds: the role (first chunk), text, or nothing (the finish chunk).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// Chat log-probabilities: one entry per generated token.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatLogprobs {
+    pub content: Vec<TokenLogprob>,
+}
+
 /// One token's log-probability in the chat format.
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenLogprob {
     pub token: String,
-    pub logprob: f32,
+    pub logprob: f64,
     pub bytes: Vec<u8>,
     pub top_logprobs: Vec<TopLogprob>,
 }
@@ -262,8 +224,31 @@ pub struct TokenLogprob {
 #[derive(Debug, Clone, Serialize)]
 pub struct TopLogprob {
     pub token: String,
-    pub logprob: f32,
+    pub logprob: f64,
     pub bytes: Vec<u8>,
+}
+
+/// A completions choice (whole or streamed: the same fields).
+#[derive(Debug, Clone, Serialize)]
+pub struct TextChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    /// Extension (`return_token_ids`); never in stream chunks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+/// The legacy completions log-probabilities: parallel lists, one entry per generated token,
+/// with the byte offset of each token in the choice's text.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f64>,
+    /// Each token's alternatives as `{token: logprob}`.
+    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    pub text_offset: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -271,5 +256,17 @@ pub struct ModelCard {
     pub id: String,
     pub object: &'static str,
     pub created: u64,
-    pub owned_by: String,
+    pub owned_by: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    pub model: String,
 }

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use flamingo_engine::{media_key, EngineConfig, Event, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest};
+use flamingo_engine::{media_key, Backend, EngineConfig, Event, PreparedMedia, SamplingParams, Scheduler, StopParams, ValidRequest};
 use flamingo_model::candle::{DType, Device, Tensor};
-use flamingo_model::generate::Strategy;
 use flamingo_model::random::{build, RandomSpec};
+use flamingo_model::sampling::Strategy;
 use flamingo_model::Flamingo;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -72,8 +72,7 @@ impl Bench {
             },
             // No stop token: every request runs to its length.
             StopParams { max_new_tokens: max_new, stop_token_ids: vec![] },
-            self.media,
-            self.vocab as usize,
+            &self.model.spec(),
         )?)
     }
 
@@ -101,11 +100,11 @@ impl Bench {
             streams.push(rx);
         }
         // Until every sequence is decoding.
-        while s.step(Some(self.media)).decode_tokens < n {}
+        while s.step().decode_tokens < n {}
         let t = Instant::now();
         let mut tokens = 0;
         for _ in 0..steps {
-            let r = s.step(Some(self.media));
+            let r = s.step();
             if r.prefill_tokens > 0 {
                 bail!("prefill during the timed decode window");
             }
@@ -126,7 +125,7 @@ impl Bench {
         s.submit(req, tx)?;
         let mut cached = 0;
         'outer: loop {
-            s.step(Some(self.media));
+            s.step();
             while let Ok(e) = rx.try_recv() {
                 match e {
                     Event::Prefilled { cached_tokens } => cached = cached_tokens,
@@ -137,7 +136,7 @@ impl Bench {
         }
         let took = t.elapsed();
         drop(rx);
-        s.step(Some(self.media)); // cancels and frees it
+        s.step(); // cancels and frees it
         Ok((took, cached))
     }
 

@@ -3,11 +3,13 @@
 //! - `flamingo serve [...]` (also what `flamingo` with no subcommand does): the OpenAI-compatible
 //!   HTTP server.
 //! - `flamingo generate --model DIR --image PATH [--image PATH ...] --prompt TEXT [...]` runs one
-//!   interleaved image/text prompt through a Flamingo-family model and prints the continuation.
+//!   interleaved image/text prompt through a Flamingo-family model and prints the continuation
+//!   (through the engine, as the server runs requests).
 //! - `flamingo download NAME`: fetches a released checkpoint into the HF cache.
 //! - `flamingo bench`: engine measurements on a random model.
 
 mod bench;
+mod generate;
 
 /// mimalloc keeps freed pages for reuse: with the system allocator, the large per-step
 /// activations were returned to the kernel and faulted back in zeroed (7% of a decode step).
@@ -34,11 +36,8 @@ fn keep_freed_memory() {
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use flamingo_model::generate::{generate, GenerationConfig, Strategy};
-use flamingo_model::preprocess::{preprocess, ImageLimits};
-use flamingo_model::{device, loader};
 
 #[derive(Parser)]
 #[command(name = "flamingo", version, about = "Serve and run Flamingo-family visual language models")]
@@ -56,7 +55,7 @@ enum Command {
     /// its model directory.
     Download(DownloadArgs),
     /// Continue one interleaved image/text prompt.
-    Generate(GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Measure the engine (batching, caches) on a random model of a real shape.
     Bench(bench::BenchArgs),
 }
@@ -98,123 +97,6 @@ struct ServeArgs {
 struct DownloadArgs {
     /// A name from config/models/, e.g. openflamingo/OpenFlamingo-3B-vitl-mpt1b.
     name: String,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    /// Model directory (clip/, lm/, checkpoint.pt).
-    #[arg(long)]
-    model: PathBuf,
-    /// An image file, once per `<image>` in the prompt, in order.
-    #[arg(long = "image")]
-    images: Vec<PathBuf>,
-    /// The prompt, with one `<image>` marker per image, e.g. "<image>Output:".
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, default_value_t = 20)]
-    max_new_tokens: usize,
-    /// Beam search with this many beams (1 = off).
-    #[arg(long, default_value_t = 1)]
-    num_beams: usize,
-    /// Beam-search length penalty (HF semantics: score / generated_len^length_penalty).
-    #[arg(long, default_value_t = 1.0)]
-    length_penalty: f32,
-    /// Sample with this temperature (greedy when absent).
-    #[arg(long)]
-    temperature: Option<f32>,
-    #[arg(long)]
-    top_p: Option<f32>,
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Seed for sampling.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// Stop when the generated text contains this string (repeatable).
-    #[arg(long = "stop")]
-    stop: Vec<String>,
-    /// Print one JSON object {"text": ..., "token_ids": [...]} (generated tokens only).
-    #[arg(long)]
-    json: bool,
-    /// f32 (default), bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-}
-
-struct Spinner(indicatif::ProgressBar);
-
-impl loader::LoadProgress for Spinner {
-    fn stage(&self, message: &str) {
-        self.0.set_message(message.to_string());
-    }
-}
-
-fn run_generate(a: GenerateArgs) -> Result<()> {
-    let dev = device::parse_device(&a.device)?;
-    let dtype = device::parse_dtype(&a.dtype)?;
-    let strategy = match (a.num_beams, a.temperature) {
-        (n, Some(_)) if n > 1 => bail!("--num-beams and --temperature cannot be combined"),
-        (n, _) if n > 1 => Strategy::Beam { num_beams: n, length_penalty: a.length_penalty, early_stopping: false },
-        (0, _) => bail!("--num-beams must be at least 1"),
-        (_, Some(t)) if t > 0.0 => Strategy::Sample { temperature: t, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
-        _ => Strategy::Greedy,
-    };
-
-    let spinner = indicatif::ProgressBar::new_spinner();
-    spinner.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} loading {prefix}: {msg} [{elapsed}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    spinner.set_prefix(a.model.display().to_string());
-    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let loaded = loader::load(&a.model, &dev, dtype, &Spinner(spinner.clone()));
-    spinner.finish_and_clear();
-    let loaded = loaded.with_context(|| format!("loading model {}", a.model.display()))?;
-    let (model, tok) = (&loaded.model, &loaded.tokenizer);
-
-    let ids = tok.encode_prompt(&a.prompt)?;
-    let n_media = ids.iter().filter(|&&t| t == tok.media_token_id()).count();
-    if n_media != a.images.len() {
-        bail!("the prompt has {n_media} <image> markers but {} --image files were given", a.images.len());
-    }
-    let size = model.config().vision.image_size;
-    let limits = ImageLimits::default();
-    let mut pixels = Vec::with_capacity(a.images.len());
-    for p in &a.images {
-        let bytes = std::fs::read(p).with_context(|| format!("reading image {}", p.display()))?;
-        pixels.push(preprocess(&bytes, size, &limits, model.device()).with_context(|| format!("image {}", p.display()))?);
-    }
-    let latents = if pixels.is_empty() {
-        None
-    } else {
-        let px = candle_core_stack(&pixels)?;
-        Some(model.encode_media(&px, 0)?)
-    };
-    let mut stop_ids = vec![tok.eoc_token_id()];
-    stop_ids.extend(tok.eos_token_id());
-    let cfg = GenerationConfig {
-        strategy,
-        max_new_tokens: a.max_new_tokens,
-        repetition_penalty: a.repetition_penalty,
-        stop_token_ids: stop_ids,
-        stop_strings: a.stop.clone(),
-    };
-    let out = generate(model, tok, &ids, latents.as_ref(), &cfg)?;
-    if a.json {
-        println!("{}", serde_json::json!({"text": out.text, "token_ids": out.token_ids}));
-    } else {
-        println!("{}", out.text);
-    }
-    Ok(())
-}
-
-/// Stacks `[3, H, W]` images into `[T, 1, 3, H, W]` (one frame per media).
-fn candle_core_stack(pixels: &[flamingo_model::candle::Tensor]) -> Result<flamingo_model::candle::Tensor> {
-    Ok(flamingo_model::candle::Tensor::stack(pixels, 0)?.unsqueeze(1)?)
 }
 
 fn init_logs(format: &str, default_level: &str) {
@@ -282,7 +164,7 @@ fn main() {
         None => run_serve(ServeArgs::default()),
         Some(Command::Serve(a)) => run_serve(a),
         Some(Command::Download(a)) => run_download(a),
-        Some(Command::Generate(a)) => flamingo_engine::on_compute_pool(move || run_generate(a)),
+        Some(Command::Generate(a)) => generate::run(a),
         Some(Command::Bench(a)) => bench::run(a),
     };
     if let Err(e) = res {

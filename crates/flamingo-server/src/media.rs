@@ -6,9 +6,10 @@ use std::sync::Arc;
 use flamingo_engine::{media_key, PreparedMedia};
 use flamingo_model::candle::{Device, Tensor};
 use flamingo_model::preprocess::{self, ImageLimits, PilImage, PilMode};
+use flamingo_model::Flamingo;
 use image::AnimationDecoder;
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 use crate::fetch::Fetcher;
 use crate::template::MediaRef;
 
@@ -24,9 +25,28 @@ pub struct MediaSpec {
 }
 
 impl MediaSpec {
+    /// The image input of `model`, under these limits.
+    pub fn of_model(model: &Flamingo, limits: ImageLimits, max_video_frames: usize) -> Self {
+        let cfg = model.config();
+        Self {
+            image_size: cfg.vision.image_size,
+            max_frames: cfg.perceiver.max_num_frames,
+            device: model.device().clone(),
+            limits,
+            max_video_frames,
+        }
+    }
+
     /// Preprocessing settings that, with the bytes, determine the pixels (part of the cache key).
     fn preprocessing(&self) -> String {
         format!("openclip-bicubic-center-crop-{}", self.image_size)
+    }
+
+    /// One still image (PNG, JPEG, WebP, GIF's first frame, BMP): its pixels `[1, 3, H, W]` as
+    /// open_clip preprocesses them, and its key.
+    pub fn image(&self, bytes: &[u8]) -> Result<PreparedMedia, flamingo_model::Error> {
+        let px = preprocess::preprocess(bytes, self.image_size, &self.limits, &self.device)?;
+        Ok(PreparedMedia { key: media_key(bytes, &self.preprocessing()), pixels: px.unsqueeze(0)? })
     }
 }
 
@@ -97,38 +117,37 @@ enum Kind {
 
 fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, kind: Kind, param: &str) -> Result<PreparedMedia, ApiError> {
     let bad = |e: String| ApiError::bad_request(format!("the media at {param} cannot be used: {e}")).param(param.to_string());
-    let prep = spec.preprocessing();
-    let frames: Vec<Tensor> = if kind == Kind::Animation {
-        // One URL: an animated image whose frames are the video's frames.
-        let max = spec.max_frames.unwrap_or(1).min(spec.max_video_frames);
-        let imgs = gif_frames(&bytes[0], &spec.limits, max).map_err(bad)?;
-        if imgs.len() > max {
-            return Err(bad(format!("the animation has {} frames; at most {max} are allowed", imgs.len())));
+    let internal = |e: flamingo_model::candle::Error| ApiError::internal(e.to_string());
+    let frames: Vec<Tensor> = match (kind, bytes.as_slice()) {
+        (Kind::Image, [one]) => return spec.image(one).map_err(|e| bad(e.to_string())),
+        (Kind::Animation, [one]) => {
+            // One URL: an animated image whose frames are the video's frames.
+            let max = spec.max_frames.unwrap_or(1).min(spec.max_video_frames);
+            let imgs = gif_frames(one, &spec.limits, max).map_err(bad)?;
+            if imgs.len() > max {
+                return Err(bad(format!("the animation has {} frames; at most {max} are allowed", imgs.len())));
+            }
+            let size = spec.image_size;
+            imgs.iter()
+                .map(|img| Tensor::from_vec(preprocess::clip_pixels(img, size), (3, size, size), &spec.device))
+                .collect::<Result<_, _>>()
+                .map_err(internal)?
         }
-        imgs.iter()
-            .map(|img| Tensor::from_vec(preprocess::clip_pixels(img, spec.image_size), (3, spec.image_size, spec.image_size), &spec.device))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ApiError::internal(e.to_string()))?
-    } else {
-        bytes
+        (Kind::Frames, frames) if !frames.is_empty() => frames
             .iter()
             .map(|b| preprocess::preprocess(b, spec.image_size, &spec.limits, &spec.device).map_err(|e| bad(e.to_string())))
-            .collect::<Result<_, _>>()?
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::internal(format!("{param}: no media fetched"))),
     };
-    let pixels = Tensor::stack(&frames, 0).map_err(|e| ApiError::internal(e.to_string()))?;
+    let pixels = Tensor::stack(&frames, 0).map_err(internal)?;
     // The key covers every frame's bytes (and the frame boundaries).
-    let key = if kind == Kind::Image {
-        media_key(&bytes[0], &prep)
-    } else {
-        let mut all = Vec::new();
-        for b in &bytes {
-            all.extend_from_slice(&(b.len() as u64).to_le_bytes());
-            all.extend_from_slice(b);
-        }
-        let tag = if kind == Kind::Animation { "animation" } else { "frames" };
-        media_key(&all, &format!("{prep}-{tag}"))
-    };
-    Ok(PreparedMedia { key, pixels })
+    let mut all = Vec::new();
+    for b in &bytes {
+        all.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        all.extend_from_slice(b);
+    }
+    let tag = if kind == Kind::Animation { "animation" } else { "frames" };
+    Ok(PreparedMedia { key: media_key(&all, &format!("{}-{tag}", spec.preprocessing())), pixels })
 }
 
 /// Decodes every frame of an animated GIF (composited, as displayed) as RGB.

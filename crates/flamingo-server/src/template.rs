@@ -16,7 +16,10 @@
 
 use serde_json::Value;
 
-use crate::api::{ApiError, ChatMessage, MessageContent};
+use flamingo_model::tokenizer::Segment;
+
+use crate::api::{ChatMessage, MessageContent};
+use crate::error::ApiError;
 
 /// A media item referenced by a chat, in prompt order.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +49,18 @@ pub struct ChatPrompt {
 }
 
 impl ChatPrompt {
+    /// The pieces as the tokenizer takes them.
+    pub fn segments(&self) -> Vec<Segment<'_>> {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => Segment::Text(t),
+                Piece::Media => Segment::Media,
+                Piece::EndOfChunk => Segment::EndOfChunk,
+            })
+            .collect()
+    }
+
     /// The prompt as a string (what `flamingo generate --prompt` would take).
     pub fn to_prompt_string(&self) -> String {
         self.pieces

@@ -6,8 +6,12 @@
 //! the window's decoding minus the decoding of its already-shown part (the usual incremental
 //! scheme; the window's first tokens give decoders their context, e.g. a leading-space rule).
 
-use flamingo_model::generate::find_stop;
 use flamingo_model::FlamingoTokenizer;
+
+/// The byte offset of the earliest occurrence of any of `stops` in `text`.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
 
 pub struct TextStream<'a> {
     tok: &'a FlamingoTokenizer,

@@ -557,3 +557,24 @@ async fn video_for_models_with_frame_embeddings() {
     s.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Regression (bug: a beam-search request whose KV need, x num_beams, exceeds the engine's
+/// budget passed the server's check, which ignored beams, and was refused by the scheduler: the
+/// client got a 500 for its own mistake). It is a 400 naming the KV-cache budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beam_request_over_the_kv_budget_is_a_400_not_a_500() {
+    // The tiny model's KV is 4 layers x 2 x 64 x 4 bytes = 2 KiB per token: room for 200 tokens.
+    let mut c = cfg();
+    c.engine.kv_cache_bytes = 200 * 2048;
+    let s = Server::start(c).await;
+    let body = |beams: u64| json!({"messages": [{"role": "user", "content": "A photo of"}], "max_tokens": 100, "num_beams": beams});
+    // One beam fits: a few prompt tokens plus 100 new ones.
+    let (code, r) = s.post("/v1/chat/completions", &body(1)).await;
+    assert_eq!(code, 200, "{r}");
+    // Four beams need room for 400 new tokens.
+    let e = expect_error(&s, "/v1/chat/completions", body(4), 400, "KV").await;
+    assert_eq!(e["type"], "invalid_request_error");
+    let e = expect_error(&s, "/v1/completions", json!({"prompt": "A photo of", "max_tokens": 100, "num_beams": 4}), 400, "KV").await;
+    assert_eq!(e["type"], "invalid_request_error");
+    s.stop().await;
+}

@@ -1,21 +1,17 @@
-//! Decoding: logits processing (repetition penalty, temperature, top-k, top-p), greedy and
-//! seeded sampling, beam search, and a single-request driver.
+//! Decoding logic, with no model in it: logits processing (repetition penalty, temperature,
+//! top-k, top-p), greedy and seeded sampling, log-probabilities, and beam search. The engine's
+//! scheduler is the one decode loop that drives it (`flamingo generate` runs through the engine).
 //!
 //! Semantics follow HF transformers (4.57) `generate`, which OpenFlamingo's reference calls:
 //! processors in the order repetition penalty -> temperature -> top-k -> top-p; greedy is the
 //! first maximum; beam search is HF's vectorised beam search (top `2·num_beams` continuations,
 //! finished hypotheses scored `sum_logprobs / generated_len^length_penalty`, the
-//! `early_stopping=False` heuristic). The beam logic is a plain state machine
-//! ([`BeamSearch`]) so a scheduler can drive it with batched forwards.
+//! `early_stopping=False` heuristic) over log-softmax scores with the repetition penalty applied
+//! after the log-softmax, as HF's beam search does ([`beam_logprobs`]). The beam logic is a
+//! plain state machine ([`BeamSearch`]) so a scheduler can drive it with batched forwards.
 
-use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-use crate::error::{Error, Result};
-use crate::model::{Flamingo, Input, Logits};
-use crate::state::SequenceState;
-use crate::tokenizer::FlamingoTokenizer;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,64 +21,49 @@ pub enum Strategy {
     Beam { num_beams: usize, length_penalty: f32, early_stopping: bool },
 }
 
-#[derive(Debug, Clone)]
-pub struct GenerationConfig {
-    pub strategy: Strategy,
-    pub max_new_tokens: usize,
-    /// HF's `repetition_penalty` (1.0 = off), over prompt and generated ids.
-    pub repetition_penalty: f32,
-    /// Generation stops after any of these ids (it is included in the output ids).
-    pub stop_token_ids: Vec<u32>,
-    /// Generation stops when the decoded text contains any of these (greedy/sampling only); the
-    /// returned text is cut before it.
-    pub stop_strings: Vec<String>,
-}
-
-impl GenerationConfig {
-    pub fn greedy(max_new_tokens: usize, stop_token_ids: Vec<u32>) -> Self {
-        Self { strategy: Strategy::Greedy, max_new_tokens, repetition_penalty: 1.0, stop_token_ids, stop_strings: vec![] }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Invalid(m.into()));
-        if self.max_new_tokens == 0 {
-            return bad("max_new_tokens must be at least 1");
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad("repetition_penalty must be a positive number");
-        }
-        match &self.strategy {
+impl Strategy {
+    /// Checks the strategy's own parameters (a message naming the parameter if they are wrong).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
             Strategy::Greedy => Ok(()),
             Strategy::Sample { temperature, top_k, top_p, .. } => {
                 if !(*temperature > 0.0 && temperature.is_finite()) {
-                    return bad("temperature must be > 0 for sampling (use greedy for 0)");
+                    return Err("temperature must be > 0 for sampling (use greedy for 0)".into());
                 }
                 if *top_k == Some(0) {
-                    return bad("top_k must be at least 1");
+                    return Err("top_k must be at least 1".into());
                 }
                 if let Some(p) = top_p {
                     if !(*p > 0.0 && *p <= 1.0) {
-                        return bad("top_p must be in (0, 1]");
+                        return Err("top_p must be in (0, 1]".into());
                     }
                 }
                 Ok(())
             }
             Strategy::Beam { num_beams, length_penalty, .. } => {
                 if *num_beams < 1 {
-                    return bad("num_beams must be at least 1");
+                    return Err("num_beams must be at least 1".into());
                 }
                 if !length_penalty.is_finite() {
-                    return bad("length_penalty must be finite");
+                    return Err("length_penalty must be finite".into());
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Rows a sequence with this strategy decodes per step.
+    pub fn rows(&self) -> usize {
+        match self {
+            Strategy::Beam { num_beams, .. } => (*num_beams).max(1),
+            _ => 1,
         }
     }
 }
 
 /// HF's `RepetitionPenaltyLogitsProcessor`: divides positive and multiplies negative logits of
 /// every id seen so far.
-pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+pub fn apply_repetition_penalty<'a>(logits: &mut [f32], history: impl IntoIterator<Item = &'a u32>, penalty: f32) {
     if penalty == 1.0 {
         return;
     }
@@ -115,6 +96,30 @@ pub fn log_softmax(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| x - m - ls).collect()
 }
 
+/// A beam's scores for its next token: the log-softmax of its logits, then the repetition
+/// penalty over `history` (prompt and generated ids), as HF's beam search processes them.
+pub fn beam_logprobs<'a>(logits: &[f32], history: impl IntoIterator<Item = &'a u32>, penalty: f32) -> Vec<f32> {
+    let mut lp = log_softmax(logits);
+    apply_repetition_penalty(&mut lp, history, penalty);
+    lp
+}
+
+/// The log-probability of `token` under `logits` (before any processing) and the `k` most
+/// likely tokens with theirs, most likely first (equal values: lower id first).
+pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> (Option<f32>, Vec<(u32, f32)>) {
+    let lp = log_softmax(logits);
+    let chosen = lp.get(token as usize).copied();
+    let k = k.min(lp.len());
+    if k == 0 {
+        return (chosen, Vec::new());
+    }
+    let mut idx: Vec<usize> = (0..lp.len()).collect();
+    idx.select_nth_unstable_by(k - 1, |&a, &b| lp[b].total_cmp(&lp[a]));
+    let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i as u32, lp[i])).collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    (chosen, top)
+}
+
 /// Per-sequence token chooser for greedy and sampling.
 pub struct Sampler {
     strategy: Strategy,
@@ -131,8 +136,9 @@ impl Sampler {
         Self { strategy: strategy.clone(), repetition_penalty, rng }
     }
 
-    /// Chooses the next token from raw logits, given every id so far (prompt + generated).
-    pub fn next(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Chooses the next token from raw logits, given every id so far (prompt + generated; read
+    /// only for the repetition penalty).
+    pub fn next<'a>(&mut self, logits: &[f32], history: impl IntoIterator<Item = &'a u32>) -> u32 {
         if self.rng.is_none() && self.repetition_penalty == 1.0 {
             // Greedy with nothing to change in the logits: no copy of the vocabulary's row.
             return argmax(logits);
@@ -420,137 +426,6 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` reached.
     Length,
-}
-
-#[derive(Debug, Clone)]
-pub struct Generation {
-    /// Generated ids (a final stop token included, as HF returns it).
-    pub token_ids: Vec<u32>,
-    /// Decoded text of the generated ids (special tokens skipped, cut before a stop string).
-    pub text: String,
-    pub finish_reason: FinishReason,
-}
-
-/// Prefills one request: attaches its image latents and runs the prompt. Returns the state and
-/// the logits of the last prompt token.
-pub fn prefill(model: &Flamingo, prompt: &[u32], latents: Option<&Tensor>) -> Result<(SequenceState, Vec<f32>)> {
-    if prompt.is_empty() {
-        return Err(Error::Invalid("empty prompt".into()));
-    }
-    let mut state = model.new_state();
-    if let Some(l) = latents {
-        model.attach_media(&mut state, l)?;
-    }
-    let logits = model.forward(&mut [&mut state], &[Input::Prompt(prompt)], Logits::Last)?;
-    Ok((state, logits.squeeze(0)?.to_vec1::<f32>()?))
-}
-
-/// The byte offset of the earliest occurrence of any of `stops` in `text`.
-pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
-}
-
-fn finish_text(tokenizer: &FlamingoTokenizer, ids: &[u32], stops: &[String]) -> Result<(String, bool)> {
-    let text = tokenizer.decode(ids)?;
-    match find_stop(&text, stops) {
-        Some(pos) => Ok((text[..pos].to_string(), true)),
-        None => Ok((text, false)),
-    }
-}
-
-/// Generates a continuation for one request (prompt ids with `<image>` tokens, and the latents of
-/// its images `[T, n, d]`).
-pub fn generate(
-    model: &Flamingo,
-    tokenizer: &FlamingoTokenizer,
-    prompt: &[u32],
-    latents: Option<&Tensor>,
-    cfg: &GenerationConfig,
-) -> Result<Generation> {
-    cfg.validate()?;
-    let (state, logits) = prefill(model, prompt, latents)?;
-    match &cfg.strategy {
-        Strategy::Beam { num_beams, length_penalty, early_stopping } => {
-            beam_generate(model, tokenizer, state, logits, prompt, cfg, *num_beams, *length_penalty, *early_stopping)
-        }
-        _ => {
-            let mut state = state;
-            let mut logits = logits;
-            let mut sampler = Sampler::new(&cfg.strategy, cfg.repetition_penalty);
-            let mut history = prompt.to_vec();
-            let mut out = Vec::new();
-            loop {
-                let tok = sampler.next(&logits, &history);
-                out.push(tok);
-                history.push(tok);
-                if cfg.stop_token_ids.contains(&tok) {
-                    let (text, _) = finish_text(tokenizer, &out, &cfg.stop_strings)?;
-                    return Ok(Generation { token_ids: out, text, finish_reason: FinishReason::Stop });
-                }
-                if !cfg.stop_strings.is_empty() {
-                    let (text, hit) = finish_text(tokenizer, &out, &cfg.stop_strings)?;
-                    if hit {
-                        return Ok(Generation { token_ids: out, text, finish_reason: FinishReason::Stop });
-                    }
-                }
-                if out.len() >= cfg.max_new_tokens {
-                    let (text, _) = finish_text(tokenizer, &out, &cfg.stop_strings)?;
-                    return Ok(Generation { token_ids: out, text, finish_reason: FinishReason::Length });
-                }
-                let l = model.forward(&mut [&mut state], &[Input::Generated(tok)], Logits::Last)?;
-                logits = l.squeeze(0)?.to_vec1::<f32>()?;
-            }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn beam_generate(
-    model: &Flamingo,
-    tokenizer: &FlamingoTokenizer,
-    state: SequenceState,
-    first_logits: Vec<f32>,
-    prompt: &[u32],
-    cfg: &GenerationConfig,
-    num_beams: usize,
-    length_penalty: f32,
-    early_stopping: bool,
-) -> Result<Generation> {
-    let mut search = BeamSearch::new(num_beams, length_penalty, early_stopping, cfg.max_new_tokens, cfg.stop_token_ids.clone());
-    let process = |logits: &[f32], generated: &[u32]| -> Vec<f32> {
-        let mut lp = log_softmax(logits);
-        if cfg.repetition_penalty != 1.0 {
-            let mut hist = prompt.to_vec();
-            hist.extend_from_slice(generated);
-            apply_repetition_penalty(&mut lp, &hist, cfg.repetition_penalty);
-        }
-        lp
-    };
-    // All beams start as copies of the prompt's state (only beam 0 has a finite score).
-    let first = process(&first_logits, &[]);
-    let mut rows: Vec<Vec<f32>> = vec![first; num_beams];
-    let mut states: Vec<SequenceState> = vec![state];
-    let mut parents_of_state: Vec<usize> = vec![0; num_beams]; // running beam -> index into `states`
-    loop {
-        let step = search.step(&rows);
-        if step.done {
-            break;
-        }
-        let old: Vec<SequenceState> = states;
-        let parents: Vec<usize> = step.parents.iter().map(|&p| parents_of_state[p]).collect();
-        let mut new_states = reorder_beams(old, &parents, |s| s.fork().map_err(Error::from))?;
-        let inputs: Vec<Input> = step.tokens.iter().map(|&t| Input::Generated(t)).collect();
-        let mut refs: Vec<&mut SequenceState> = new_states.iter_mut().collect();
-        let logits = model.forward(&mut refs, &inputs, Logits::Last)?;
-        let logits = logits.to_vec2::<f32>()?;
-        rows = logits.iter().enumerate().map(|(b, l)| process(l, search.running_tokens(b))).collect();
-        states = new_states;
-        parents_of_state = (0..num_beams).collect();
-    }
-    let best = search.best();
-    let stopped = best.tokens.last().is_some_and(|t| cfg.stop_token_ids.contains(t));
-    let (text, _) = finish_text(tokenizer, &best.tokens, &cfg.stop_strings)?;
-    Ok(Generation { token_ids: best.tokens, text, finish_reason: if stopped { FinishReason::Stop } else { FinishReason::Length } })
 }
 
 #[cfg(test)]

@@ -1,0 +1,318 @@
+//! Engine events -> OpenAI responses. [`ChoiceStream`] turns one choice's events into text
+//! (through the incremental [`TextStream`], which cuts at stop strings), log-probabilities and
+//! a finish reason, for whole responses, SSE streams and `flamingo generate` alike; an
+//! [`Endpoint`] says how each endpoint writes them.
+
+use flamingo_engine::{EngineError, Event, EventStream};
+use flamingo_model::sampling::FinishReason;
+use flamingo_model::FlamingoTokenizer;
+
+use crate::api::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, CompletionBody, CompletionLogprobs, TextChoice, TokenLogprob,
+    TopLogprob, UsageBody,
+};
+use crate::error::ApiError;
+use crate::state::{now_secs, random_id, Runtime};
+use crate::textstream::TextStream;
+use crate::validate::Plan;
+
+/// A generated token's log-probability and alternatives (ids resolved to text when written).
+#[derive(Debug, Clone)]
+pub struct LogprobEntry {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One finished choice.
+#[derive(Debug, Clone)]
+pub struct ChoiceOut {
+    pub text: String,
+    /// The generated ids (up to the one that completed a stop string, if one did).
+    pub ids: Vec<u32>,
+    pub finish: FinishReason,
+    pub cached_tokens: usize,
+    pub logprobs: Vec<LogprobEntry>,
+}
+
+/// What one event meant for a choice.
+#[derive(Debug)]
+pub enum Progress {
+    /// Nothing to show.
+    Pending,
+    /// Text that can be shown now, and the log-probability of the token that made it (none for
+    /// a stop token, or when not asked).
+    Text { text: String, logprobs: Vec<LogprobEntry> },
+    /// A stop string appeared: the text before it; the choice is over.
+    Stopped { text: String, logprobs: Vec<LogprobEntry> },
+    /// Generation ended: text held back until now (a partial character, a possible start of
+    /// a stop string), and why.
+    Ended { rest: String, reason: FinishReason },
+}
+
+/// Why a choice could not be completed.
+#[derive(Debug)]
+pub enum ChoiceError {
+    /// The engine refused or failed the request.
+    Engine(EngineError),
+    /// The event stream ended without a finish (the engine stopped).
+    Gone,
+    Detokenize(flamingo_model::Error),
+}
+
+impl ChoiceError {
+    pub fn to_api(&self, retry_after: u64) -> ApiError {
+        match self {
+            ChoiceError::Engine(e) => ApiError::from_engine(e, retry_after),
+            ChoiceError::Gone => ApiError::unavailable("the engine stopped", retry_after),
+            ChoiceError::Detokenize(e) => ApiError::internal(format!("detokenization failed: {e}")),
+        }
+    }
+}
+
+/// One choice's events turned into its answer.
+pub struct ChoiceStream<'a> {
+    text: TextStream<'a>,
+    stop_ids: &'a [u32],
+    shown: String,
+    logprobs: Vec<LogprobEntry>,
+    cached: usize,
+    finish: Option<FinishReason>,
+}
+
+impl<'a> ChoiceStream<'a> {
+    /// `stops`: the stop strings; `stop_ids`: the stop tokens (they get no log-probability
+    /// entry, as OpenAI shows none for its end token).
+    pub fn new(tok: &'a FlamingoTokenizer, stops: Vec<String>, stop_ids: &'a [u32]) -> Self {
+        Self { text: TextStream::new(tok, stops), stop_ids, shown: String::new(), logprobs: Vec::new(), cached: 0, finish: None }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Prompt tokens served from the prefix cache (known from the first token on).
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+
+    pub fn on_event(&mut self, ev: Event) -> Result<Progress, ChoiceError> {
+        match ev {
+            Event::Prefilled { cached_tokens } => {
+                self.cached = cached_tokens;
+                Ok(Progress::Pending)
+            }
+            Event::Token(t) => {
+                let logprobs = match t.logprob {
+                    Some(logprob) if !self.stop_ids.contains(&t.id) => vec![LogprobEntry { id: t.id, logprob, top: t.top_logprobs }],
+                    _ => Vec::new(),
+                };
+                self.logprobs.extend(logprobs.iter().cloned());
+                let d = self.text.push(t.id).map_err(ChoiceError::Detokenize)?;
+                self.shown.push_str(&d.text);
+                if d.stop_hit {
+                    self.finish = Some(FinishReason::Stop);
+                    Ok(Progress::Stopped { text: d.text, logprobs })
+                } else {
+                    Ok(Progress::Text { text: d.text, logprobs })
+                }
+            }
+            Event::Finished { reason, usage } => {
+                self.cached = usage.cached_tokens;
+                let rest = self.text.finish().map_err(ChoiceError::Detokenize)?;
+                self.shown.push_str(&rest);
+                self.finish = Some(reason);
+                Ok(Progress::Ended { rest, reason })
+            }
+            Event::Error(e) => Err(ChoiceError::Engine(e)),
+        }
+    }
+
+    /// The whole answer (call when [`is_done`](Self::is_done)).
+    pub fn into_output(self) -> ChoiceOut {
+        ChoiceOut {
+            ids: self.text.ids().to_vec(),
+            text: self.shown,
+            finish: self.finish.unwrap_or(FinishReason::Length),
+            cached_tokens: self.cached,
+            logprobs: self.logprobs,
+        }
+    }
+
+    /// Drives a choice to its end (non-streaming).
+    pub async fn collect(mut self, mut rx: EventStream) -> Result<ChoiceOut, ChoiceError> {
+        while let Some(ev) = rx.recv().await {
+            self.on_event(ev)?;
+            if self.is_done() {
+                // Dropping `rx` after a stop string cancels the sequence in the engine.
+                return Ok(self.into_output());
+            }
+        }
+        Err(ChoiceError::Gone)
+    }
+
+    /// [`collect`](Self::collect) for a caller outside an async runtime.
+    pub fn collect_blocking(mut self, mut rx: EventStream) -> Result<ChoiceOut, ChoiceError> {
+        while let Some(ev) = rx.blocking_recv() {
+            self.on_event(ev)?;
+            if self.is_done() {
+                return Ok(self.into_output());
+            }
+        }
+        Err(ChoiceError::Gone)
+    }
+}
+
+/// The id, time and model a response carries, and its prompt's length.
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub prompt_tokens: usize,
+}
+
+impl Meta {
+    pub fn new<E: Endpoint>(model: &str, prompt_tokens: usize) -> Self {
+        Self { id: random_id(E::ID_PREFIX), created: now_secs(), model: model.to_string(), prompt_tokens }
+    }
+}
+
+/// How an endpoint writes choices, stream chunks and log-probabilities.
+pub trait Endpoint: Send + 'static {
+    /// `object` of a whole response.
+    const OBJECT: &'static str;
+    /// `object` of a stream chunk.
+    const CHUNK_OBJECT: &'static str;
+    const ID_PREFIX: &'static str;
+    type Choice: serde::Serialize + Send;
+    type ChunkChoice: serde::Serialize + Send;
+    type Logprobs: Send;
+
+    /// The log-probabilities of `entries`; `offset`: bytes of the choice's text before them.
+    fn logprobs(tok: &FlamingoTokenizer, entries: &[LogprobEntry], offset: usize) -> Self::Logprobs;
+    fn choice(index: usize, out: ChoiceOut, logprobs: Option<Self::Logprobs>, token_ids: Option<Vec<u32>>) -> Self::Choice;
+    /// The chunk that opens a choice's stream, if the endpoint sends one.
+    fn opening(index: usize) -> Option<Self::ChunkChoice>;
+    fn text(index: usize, text: String, logprobs: Option<Self::Logprobs>) -> Self::ChunkChoice;
+    fn finish(index: usize, reason: FinishReason) -> Self::ChunkChoice;
+}
+
+/// `/v1/chat/completions`.
+pub struct Chat;
+
+/// `/v1/completions`.
+pub struct Completion;
+
+impl Endpoint for Chat {
+    const OBJECT: &'static str = "chat.completion";
+    const CHUNK_OBJECT: &'static str = "chat.completion.chunk";
+    const ID_PREFIX: &'static str = "chatcmpl-";
+    type Choice = ChatChoice;
+    type ChunkChoice = ChatChunkChoice;
+    type Logprobs = ChatLogprobs;
+
+    fn logprobs(tok: &FlamingoTokenizer, entries: &[LogprobEntry], _offset: usize) -> ChatLogprobs {
+        let top = |&(id, lp): &(u32, f32)| TopLogprob { token: tok.token_label(id), logprob: f64::from(lp), bytes: tok.token_bytes(id) };
+        let content = entries
+            .iter()
+            .map(|e| TokenLogprob {
+                token: tok.token_label(e.id),
+                logprob: f64::from(e.logprob),
+                bytes: tok.token_bytes(e.id),
+                top_logprobs: e.top.iter().map(top).collect(),
+            })
+            .collect();
+        ChatLogprobs { content }
+    }
+
+    fn choice(index: usize, out: ChoiceOut, logprobs: Option<ChatLogprobs>, token_ids: Option<Vec<u32>>) -> ChatChoice {
+        let message = AssistantMessage { role: "assistant", content: out.text };
+        ChatChoice { index, message, logprobs, finish_reason: out.finish, token_ids }
+    }
+
+    fn opening(index: usize) -> Option<ChatChunkChoice> {
+        let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+        Some(ChatChunkChoice { index, delta, logprobs: None, finish_reason: None })
+    }
+
+    fn text(index: usize, text: String, logprobs: Option<ChatLogprobs>) -> ChatChunkChoice {
+        ChatChunkChoice { index, delta: ChatDelta { role: None, content: Some(text) }, logprobs, finish_reason: None }
+    }
+
+    fn finish(index: usize, reason: FinishReason) -> ChatChunkChoice {
+        ChatChunkChoice { index, delta: ChatDelta::default(), logprobs: None, finish_reason: Some(reason) }
+    }
+}
+
+impl Endpoint for Completion {
+    const OBJECT: &'static str = "text_completion";
+    const CHUNK_OBJECT: &'static str = "text_completion";
+    const ID_PREFIX: &'static str = "cmpl-";
+    type Choice = TextChoice;
+    type ChunkChoice = TextChoice;
+    type Logprobs = CompletionLogprobs;
+
+    fn logprobs(tok: &FlamingoTokenizer, entries: &[LogprobEntry], offset: usize) -> CompletionLogprobs {
+        let mut out = CompletionLogprobs::default();
+        let mut at = offset;
+        for e in entries {
+            out.text_offset.push(at);
+            at += tok.token_bytes(e.id).len();
+            out.tokens.push(tok.token_label(e.id));
+            out.token_logprobs.push(f64::from(e.logprob));
+            out.top_logprobs.push(e.top.iter().map(|&(id, lp)| (tok.token_label(id), serde_json::Value::from(f64::from(lp)))).collect());
+        }
+        out
+    }
+
+    fn choice(index: usize, out: ChoiceOut, logprobs: Option<CompletionLogprobs>, token_ids: Option<Vec<u32>>) -> TextChoice {
+        TextChoice { index, text: out.text, logprobs, finish_reason: Some(out.finish), token_ids }
+    }
+
+    fn opening(_index: usize) -> Option<TextChoice> {
+        None
+    }
+
+    fn text(index: usize, text: String, logprobs: Option<CompletionLogprobs>) -> TextChoice {
+        TextChoice { index, text, logprobs, finish_reason: None, token_ids: None }
+    }
+
+    fn finish(index: usize, reason: FinishReason) -> TextChoice {
+        TextChoice { index, text: String::new(), logprobs: None, finish_reason: Some(reason), token_ids: None }
+    }
+}
+
+/// The whole (non-streamed) response: every choice driven to its end, in order.
+pub async fn whole<E: Endpoint>(
+    rt: &Runtime,
+    streams: Vec<EventStream>,
+    plan: &Plan,
+    meta: Meta,
+    retry_after: u64,
+) -> Result<CompletionBody<E::Choice>, ApiError> {
+    let mut outs = Vec::with_capacity(streams.len());
+    for rx in streams {
+        let choice = ChoiceStream::new(&rt.tokenizer, plan.stops.clone(), &rt.stop_ids);
+        outs.push(choice.collect(rx).await.map_err(|e| e.to_api(retry_after))?);
+    }
+    let completion = outs.iter().map(|o| o.ids.len()).sum();
+    let usage = UsageBody::new(meta.prompt_tokens, completion, outs.first().map(|o| o.cached_tokens).unwrap_or(0));
+    let choices = outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let logprobs = plan.logprobs.map(|_| E::logprobs(&rt.tokenizer, &o.logprobs, 0));
+            let ids = plan.return_ids.then(|| o.ids.clone());
+            E::choice(i, o, logprobs, ids)
+        })
+        .collect();
+    Ok(CompletionBody {
+        id: meta.id,
+        object: E::OBJECT,
+        created: meta.created,
+        model: meta.model,
+        system_fingerprint: None,
+        choices,
+        usage,
+    })
+}

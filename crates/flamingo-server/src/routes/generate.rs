@@ -1,0 +1,69 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: read the body, validate, fetch the
+//! media, submit every choice to the engine, answer whole or as a stream.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::error::ApiError;
+use crate::media;
+use crate::respond::{self, Chat, Completion, Endpoint, Meta};
+use crate::state::{AppState, Inflight};
+use crate::validate::{self, Generation};
+
+pub(super) async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let guard = Inflight::new(&st);
+    let rt = st.runtime()?;
+    let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
+    let g = validate::chat(&st, rt, &bytes)?;
+    answer::<Chat>(st, guard, g).await
+}
+
+pub(super) async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let guard = Inflight::new(&st);
+    let rt = st.runtime()?;
+    let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
+    let g = validate::completion(&st, rt, &bytes)?;
+    answer::<Completion>(st, guard, g).await
+}
+
+/// Reads the body under the configured limit (413 above it).
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > limit as u64 {
+            return Err(ApiError::too_large(limit));
+        }
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = src {
+            if s.to_string().contains("length limit exceeded") {
+                return ApiError::too_large(limit);
+            }
+            src = s.source();
+        }
+        ApiError::bad_request(format!("cannot read the request body: {e}"))
+    })
+}
+
+/// Prepares the media, submits every choice and answers (JSON or SSE).
+async fn answer<E: Endpoint>(st: Arc<AppState>, guard: Inflight, g: Generation) -> Result<Response, ApiError> {
+    let rt = st.runtime()?;
+    let Generation { prompt, media, plan } = g;
+    let media = media::prepare(&st.fetcher, &rt.media, media).await?;
+    let mut streams = Vec::with_capacity(plan.choices.len());
+    for req in validate::requests(&prompt, media, &plan, &rt.stop_ids, rt.engine.spec())? {
+        streams.push(rt.engine.submit(req).map_err(|e| ApiError::from_engine(&e, st.retry_after()))?);
+    }
+    let meta = Meta::new::<E>(&st.served_name, prompt.len());
+    if plan.stream {
+        return Ok(crate::stream::respond::<E>(st.clone(), guard, streams, plan, meta));
+    }
+    let body = respond::whole::<E>(rt, streams, &plan, meta, st.retry_after()).await?;
+    drop(guard);
+    Ok(Json(body).into_response())
+}

@@ -1,0 +1,90 @@
+//! The HTTP routes: one table ([`Route::ALL`]) that the router is built from and that tests
+//! compare with `openapi.yaml`, so the two cannot drift.
+
+mod generate;
+mod info;
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::Method;
+use axum::middleware;
+use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::Router;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Every route the server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    ChatCompletions,
+    Completions,
+    Models,
+    Model,
+    Health,
+    Metrics,
+}
+
+impl Route {
+    pub const ALL: [Route; 6] = [Route::ChatCompletions, Route::Completions, Route::Models, Route::Model, Route::Health, Route::Metrics];
+
+    /// The path as axum matches it (`{*id}`: the rest of the path, slashes included).
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::ChatCompletions => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+            Route::Models => "/v1/models",
+            Route::Model => "/v1/models/{*id}",
+            Route::Health => "/health",
+            Route::Metrics => "/metrics",
+        }
+    }
+
+    pub fn method(self) -> Method {
+        match self {
+            Route::ChatCompletions | Route::Completions => Method::POST,
+            Route::Models | Route::Model | Route::Health | Route::Metrics => Method::GET,
+        }
+    }
+
+    /// Whether the route takes an API key when keys are configured (probes do not).
+    pub fn needs_key(self) -> bool {
+        !matches!(self, Route::Health | Route::Metrics)
+    }
+
+    fn handler(self) -> MethodRouter<Arc<AppState>> {
+        let filter = if self.method() == Method::POST { MethodFilter::POST } else { MethodFilter::GET };
+        match self {
+            Route::ChatCompletions => on(filter, generate::chat),
+            Route::Completions => on(filter, generate::completions),
+            Route::Models => on(filter, info::models),
+            Route::Model => on(filter, info::model),
+            Route::Health => on(filter, info::health),
+            Route::Metrics => on(filter, info::metrics),
+        }
+    }
+}
+
+/// The router with every route and middleware.
+pub fn router(st: Arc<AppState>) -> Router {
+    let table = |keyed: bool| {
+        Route::ALL.into_iter().filter(|r| r.needs_key() == keyed).fold(Router::new(), |r, route| r.route(route.path(), route.handler()))
+    };
+    let keyed = table(true).route_layer(middleware::from_fn_with_state(st.clone(), crate::middleware::auth));
+    Router::new()
+        .merge(keyed)
+        .merge(table(false))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(crate::middleware::observe))
+        .with_state(st)
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::method_not_allowed(format!("{} is not allowed on {}", req.method(), req.uri().path()))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
