@@ -4,12 +4,14 @@
 //! pure candle: a CLIP ViT vision tower, the Perceiver Resampler, tanh-gated cross-attention
 //! layers interleaved into a language model (MosaicGPT, MPT, GPT-NeoX, LLaMA), exact loading of
 //! the released checkpoints, PIL-exact preprocessing, the tokenizer with OpenFlamingo's special
-//! tokens, and generation (greedy, sampling, beam search).
+//! tokens, and the decoding logic ([`sampling`]: logits processors, greedy and seeded sampling,
+//! log-probabilities, HF's beam search as a state machine).
 //!
 //! Design: weights are immutable and shared; per-request state ([`SequenceState`]: self-attention
 //! KV, cross-attention K/V computed once per request, media count) is owned by the caller, and
 //! [`Flamingo::forward`] runs a ragged batch of sequences so a serving engine can batch decode
-//! steps across requests. No async runtime, no HTTP.
+//! steps across requests. The decode loop itself is the engine's (`flamingo-engine`), the one
+//! the server and `flamingo generate` share. No async runtime, no HTTP.
 
 pub mod config;
 pub mod device;
