@@ -110,6 +110,7 @@ fn max_new_tokens(p: &GenParams, kind: Kind, b: &Bounds) -> Result<usize, ApiErr
     };
     match usize::try_from(v) {
         Ok(n) if n >= 1 && n <= b.max_tokens => Ok(n),
+        _ if b.max_tokens == usize::MAX => Err(bad(format!("`{param}` must be at least 1"), param)),
         _ => Err(bad(format!("`{param}` must be between 1 and {}", b.max_tokens), param)),
     }
 }
