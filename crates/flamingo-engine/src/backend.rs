@@ -45,6 +45,12 @@ pub trait Backend: Send + 'static {
     fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), BackendError>;
 }
 
+/// A failure that is the server's problem whatever the model calls it: only encoding a request's
+/// media can fail because of the request (an input the model cannot take).
+fn internal(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Internal(e.to_string())
+}
+
 /// Media are cached as their cross-attention K/V (every gated layer): a cache hit skips the
 /// vision tower, the Perceiver and the K/V projections.
 impl Backend for Flamingo {
@@ -79,17 +85,16 @@ impl Backend for Flamingo {
     }
 
     fn attach(&self, state: &mut SequenceState, media: &[&MediaKv]) -> Result<(), BackendError> {
-        Ok(self.attach_media_kv(state, media)?)
+        self.attach_media_kv(state, media).map_err(internal)
     }
 
     fn forward(&self, states: &mut [&mut SequenceState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError> {
-        // Whatever went wrong inside a step is the server's problem, not the request's.
-        let logits = Flamingo::forward(self, states, inputs, Logits::Last).map_err(|e| BackendError::Internal(e.to_string()))?;
+        let logits = Flamingo::forward(self, states, inputs, Logits::Last).map_err(internal)?;
         Ok(logits.to_vec2::<f32>()?)
     }
 
     fn fork(&self, state: &SequenceState) -> Result<SequenceState, BackendError> {
-        Ok(state.fork()?)
+        state.fork().map_err(internal)
     }
 
     fn state_bytes(&self, state: &SequenceState) -> usize {
@@ -97,7 +102,7 @@ impl Backend for Flamingo {
     }
 
     fn snapshot(&self, state: &SequenceState, start: usize, len: usize, media: usize) -> Result<KvBlock, BackendError> {
-        Ok(state.kv_block(start, len, media)?)
+        state.kv_block(start, len, media).map_err(internal)
     }
 
     fn block_bytes(&self, block: &KvBlock) -> usize {
@@ -109,7 +114,7 @@ impl Backend for Flamingo {
     }
 
     fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock], capacity: usize) -> Result<(), BackendError> {
-        Ok(self.restore_prefix(state, blocks, capacity)?)
+        self.restore_prefix(state, blocks, capacity).map_err(internal)
     }
 }
 

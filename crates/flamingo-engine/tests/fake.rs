@@ -25,6 +25,10 @@ struct Fake {
     encodes: Arc<AtomicUsize>,
     batches: Arc<Mutex<Vec<Vec<usize>>>>,
     bytes_per_token: usize,
+    /// An image the fake model cannot take (as the real one refuses, e.g., too many frames).
+    refused: Option<flamingo_engine::MediaKey>,
+    /// Every forward fails (a failure inside the model).
+    broken: bool,
 }
 
 struct FakeState {
@@ -48,6 +52,9 @@ impl Backend for Fake {
     }
     fn encode(&self, media: &PreparedMedia, _position: usize) -> Result<u32, BackendError> {
         self.encodes.fetch_add(1, Ordering::SeqCst);
+        if self.refused == Some(media.key) {
+            return Err(BackendError::Input("this model cannot take that image".into()));
+        }
         Ok(media.key[0] as u32)
     }
     fn media_bytes(&self, _m: &u32) -> usize {
@@ -59,6 +66,9 @@ impl Backend for Fake {
     }
     fn forward(&self, states: &mut [&mut FakeState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError> {
         self.batches.lock().unwrap().push(inputs.iter().map(|i| i.len()).collect());
+        if self.broken {
+            return Err(BackendError::Internal("out of device memory".into()));
+        }
         Ok(states
             .iter_mut()
             .zip(inputs)
@@ -372,4 +382,32 @@ fn beam_request_over_the_kv_budget_is_refused_at_submit() {
             _ => {}
         }
     }
+}
+
+/// A failure caused by the request (media the model cannot take) reaches the client as the
+/// request's own mistake; a failure inside the model as an internal error. Other requests carry on.
+#[test]
+fn request_caused_failures_are_told_apart_from_internal_ones() {
+    let fake = Fake { refused: Some(image(7).key), ..Default::default() };
+    let mut s = Scheduler::new(fake, cfg());
+    let mut rx =
+        vec![submit(&mut s, request(vec![MEDIA, 1], vec![image(7)], 3)), submit(&mut s, request(vec![MEDIA, 1], vec![image(8)], 3))];
+    let out = drain(&mut s, &mut rx);
+    match &out[0].1 {
+        Some(Event::Error(e)) => {
+            assert!(e.is_request_error(), "{e:?}");
+            assert!(matches!(e, EngineError::Request(RequestError::Media(m)) if m.contains("cannot take")), "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(out[1].1, Some(Event::Finished { .. })), "the other request is served");
+
+    let mut s = Scheduler::new(Fake { broken: true, ..Default::default() }, cfg());
+    let mut rx = vec![submit(&mut s, request(prompt(5, 1), vec![], 3))];
+    let out = drain(&mut s, &mut rx);
+    match &out[0].1 {
+        Some(Event::Error(e @ EngineError::Internal(m))) => assert!(!e.is_request_error() && m.contains("out of device memory"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.reserved_bytes(), 0);
 }

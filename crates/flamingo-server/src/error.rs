@@ -120,3 +120,27 @@ impl IntoResponse for ApiError {
         r
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flamingo_engine::RequestError;
+
+    #[test]
+    fn engine_errors_map_to_their_status() {
+        let cases = [
+            (EngineError::Request(RequestError::EmptyPrompt), 400, None),
+            (EngineError::Request(RequestError::Media("no video".into())), 400, None),
+            (EngineError::Overloaded(3), 429, Some(7)),
+            (EngineError::Stopped, 503, Some(7)),
+            (EngineError::Internal("boom".into()), 500, None),
+        ];
+        for (e, status, retry) in cases {
+            let a = ApiError::from_engine(&e, 7);
+            assert_eq!((a.status.as_u16(), a.retry_after), (status, retry), "{e:?}");
+            let body: serde_json::Value = serde_json::from_str(&a.to_json()).unwrap();
+            assert_eq!(body["error"]["message"].as_str().map(|m| !m.is_empty()), Some(true));
+            assert!(body["error"].get("param").is_some() && body["error"].get("code").is_some());
+        }
+    }
+}
