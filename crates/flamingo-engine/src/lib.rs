@@ -12,7 +12,7 @@
 //! images):
 //! - vision features: each image's cross-attention K/V for every gated layer, by image content
 //!   hash + preprocessing, LRU by bytes ([`LruBytes`]), shared by the sequences that show it;
-//! - prompt-prefix KV ([`PrefixCache`]): a hash chain over token ids and the image hashes they
+//! - prompt-prefix KV (`prefix.rs`): a hash chain over token ids and the image hashes they
 //!   introduce, block-granular with partial-block hits, LRU by bytes.
 //!
 //! Errors are typed ([`EngineError`]): a request's own mistakes ([`RequestError`]) are told
@@ -33,7 +33,7 @@ pub use backend::Backend;
 pub use cache::LruBytes;
 pub use engine::{on_compute_pool, Engine, EngineConfig, EngineStats, EventStream};
 pub use error::{BackendError, EngineError, RequestError};
-pub use prefix::{BlockHash, Hit, PrefixCache, PromptBlocks};
+pub use prefix::BlockHash;
 pub use request::{
     media_key, Event, MediaKey, ModelSpec, PreparedMedia, SamplingParams, StopParams, TokenEvent, Usage, ValidRequest, MAX_BEAMS,
 };

@@ -85,15 +85,6 @@ impl PromptBlocks {
         self.tokens.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
-    }
-
-    /// The hash of block `b` (and of all blocks before it).
-    pub fn hash(&self, b: usize) -> Option<&BlockHash> {
-        self.hashes.get(b)
-    }
-
     fn tokens_of(&self, b: usize) -> &[u32] {
         let start = b * self.block_size;
         &self.tokens[start..(start + self.block_size).min(self.tokens.len())]
@@ -181,10 +172,6 @@ impl<B> PrefixCache<B> {
     /// The blocks held (an LRU map by bytes).
     pub fn lru(&self) -> &LruBytes<BlockHash, B> {
         &self.blocks
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.blocks.bytes()
     }
 
     /// The longest cached prefix of `prompt[..limit]`: whole blocks while they are cached, then
@@ -360,7 +347,7 @@ mod tests {
         let mut c = PrefixCache::new(4, 32, None);
         let a = c.blocks_of(&[1, 2, 3, 4, 5, 6, 7, 8, 9], vec![]);
         donate(&mut c, &a);
-        assert!(c.bytes() <= 32);
+        assert!(c.lru().bytes() <= 32);
         assert_eq!(c.lru().len(), 2);
         assert!(c.lru().evictions() >= 1);
         // The first block was evicted: a lookup finds nothing, and forgets the evicted child.

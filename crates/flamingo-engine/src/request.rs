@@ -139,14 +139,6 @@ impl ValidRequest {
         &self.prompt
     }
 
-    pub fn sampling(&self) -> &SamplingParams {
-        &self.sampling
-    }
-
-    pub fn stop(&self) -> &StopParams {
-        &self.stop
-    }
-
     /// The content keys of the request's media, in order.
     pub(crate) fn media_keys(&self) -> Vec<MediaKey> {
         self.media.iter().map(|m| m.key).collect()

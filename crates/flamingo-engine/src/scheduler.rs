@@ -183,9 +183,8 @@ impl<B: Backend> Scheduler<B> {
                 return report;
             }
         };
-        let decoding: Vec<bool> = work.iter().map(|w| matches!(w, Work::Decode(_))).collect();
         self.donate(&work);
-        let outcomes = self.pick(&work, &decoding, rows);
+        let outcomes = self.pick(&work, rows);
         self.finish(&outcomes, &mut report);
         self.publish_gauges();
         report
@@ -364,13 +363,14 @@ impl<B: Backend> Scheduler<B> {
 
     /// Phase 6: sequences with new logits take their token (in parallel), beam searches
     /// advance; events are sent in sequence order. One outcome per running sequence.
-    fn pick(&mut self, work: &[Work], decoding: &[bool], rows: Vec<Vec<Vec<f32>>>) -> Vec<Outcome> {
+    fn pick(&mut self, work: &[Work], rows: Vec<Vec<Vec<f32>>>) -> Vec<Outcome> {
+        let decoding: Vec<bool> = work.iter().map(|w| matches!(w, Work::Decode(_))).collect();
         // A prefill chunk's sequence has moved on (`donate`): it yields a token iff its prompt is
         // now complete.
         let takes: Vec<bool> = self
             .running
             .iter()
-            .zip(work.iter().zip(decoding))
+            .zip(work.iter().zip(&decoding))
             .map(|(s, (&w, &dec))| w != Work::Idle && (dec || s.prompt_left() == 0))
             .collect();
         // Sampling is per-sequence work over the whole vocabulary (~1.7 ms per token for top-p

@@ -245,34 +245,34 @@ impl FlamingoTokenizer {
         self.inner.decode(&[id], false).unwrap_or_default()
     }
 
-    /// A token's raw bytes (a byte-level or byte-fallback token may be part of a UTF-8
-    /// character, which its text cannot show).
-    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+    /// A token as log-probabilities show it: its label (its text, or `bytes:\xNN...` when it
+    /// is not whole UTF-8, part of a character, as OpenAI writes such tokens) and its raw bytes
+    /// (a byte-level or byte-fallback token may be part of a character, which its text cannot
+    /// show). One decode of the token.
+    pub fn token_display(&self, id: u32) -> (String, Vec<u8>) {
         let text = self.token_text(id);
         if !text.contains('\u{FFFD}') {
-            return text.into_bytes();
+            let bytes = text.clone().into_bytes();
+            return (text, bytes);
         }
-        let Some(piece) = self.inner.id_to_token(id) else { return text.into_bytes() };
-        if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                return vec![b];
-            }
-        }
-        piece.chars().map(byte_level_inverse).collect::<Option<Vec<u8>>>().unwrap_or_else(|| text.into_bytes())
+        let bytes = self.piece_bytes(id).unwrap_or_else(|| text.into_bytes());
+        let label = match std::str::from_utf8(&bytes) {
+            Ok(t) => t.to_string(),
+            Err(_) => "bytes:".to_string() + &bytes.iter().map(|b| format!("\\x{b:02x}")).collect::<String>(),
+        };
+        (label, bytes)
     }
 
-    /// A token as log-probabilities show it: its text, or `bytes:\xNN...` when it is not
-    /// whole UTF-8 (part of a character), as OpenAI writes such tokens.
-    pub fn token_label(&self, id: u32) -> String {
-        let text = self.token_text(id);
-        if !text.contains('\u{FFFD}') {
-            return text;
+    /// The bytes a token's vocabulary piece stands for: `<0xNN>` (byte fallback) or GPT-2's
+    /// byte-level alphabet.
+    fn piece_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.inner.id_to_token(id)?;
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return Some(vec![b]);
+            }
         }
-        let bytes = self.token_bytes(id);
-        match String::from_utf8(bytes) {
-            Ok(t) => t,
-            Err(e) => "bytes:".to_string() + &e.as_bytes().iter().map(|b| format!("\\x{b:02x}")).collect::<String>(),
-        }
+        piece.chars().map(byte_level_inverse).collect()
     }
 }
 

@@ -136,13 +136,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let cfg = EngineConfig { kv_budget_bytes: usize::MAX, vision_cache_bytes: 0, prefix_cache_bytes: 0, ..EngineConfig::default() };
     let engine = Engine::start(model, cfg);
     let stop_ids = tok.stop_token_ids();
-    let mut out = None;
-    for req in validate::requests(&ids, media, &plan, &stop_ids, engine.spec()).map_err(flag_error)? {
-        let rx = engine.submit(req)?;
-        let answer = ChoiceStream::new(&tok, plan.stops.clone(), &stop_ids);
-        out = Some(answer.collect_blocking(rx).map_err(|e| anyhow::anyhow!("{}", e.to_api(0).message))?);
-    }
-    let out = out.context("no generation")?;
+    // One choice: the CLI's bounds allow n = 1 only.
+    let req =
+        validate::requests(&ids, media, &plan, &stop_ids, engine.spec()).map_err(flag_error)?.into_iter().next().context("no request")?;
+    let rx = engine.submit(req)?;
+    let answer = ChoiceStream::new(&tok, plan.stops.clone(), &stop_ids);
+    let out = answer.collect_blocking(rx).map_err(|e| anyhow::anyhow!("{}", e.to_api(0).message))?;
     if a.json {
         println!("{}", serde_json::json!({"text": out.text, "token_ids": out.ids}));
     } else {

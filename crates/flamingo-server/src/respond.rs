@@ -74,8 +74,6 @@ impl ChoiceError {
 pub struct ChoiceStream<'a> {
     text: TextStream<'a>,
     stop_ids: &'a [u32],
-    shown: String,
-    logprobs: Vec<LogprobEntry>,
     cached: usize,
     finish: Option<FinishReason>,
 }
@@ -84,11 +82,7 @@ impl<'a> ChoiceStream<'a> {
     /// `stops`: the stop strings; `stop_ids`: the stop tokens (they get no log-probability
     /// entry, as OpenAI shows none for its end token).
     pub fn new(tok: &'a FlamingoTokenizer, stops: Vec<String>, stop_ids: &'a [u32]) -> Self {
-        Self { text: TextStream::new(tok, stops), stop_ids, shown: String::new(), logprobs: Vec::new(), cached: 0, finish: None }
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.finish.is_some()
+        Self { text: TextStream::new(tok, stops), stop_ids, cached: 0, finish: None }
     }
 
     /// Prompt tokens served from the prefix cache (known from the first token on).
@@ -107,9 +101,7 @@ impl<'a> ChoiceStream<'a> {
                     Some(logprob) if !self.stop_ids.contains(&t.id) => vec![LogprobEntry { id: t.id, logprob, top: t.top_logprobs }],
                     _ => Vec::new(),
                 };
-                self.logprobs.extend(logprobs.iter().cloned());
                 let d = self.text.push(t.id).map_err(ChoiceError::Detokenize)?;
-                self.shown.push_str(&d.text);
                 if d.stop_hit {
                     self.finish = Some(FinishReason::Stop);
                     Ok(Progress::Stopped { text: d.text, logprobs })
@@ -120,7 +112,6 @@ impl<'a> ChoiceStream<'a> {
             Event::Finished { reason, usage } => {
                 self.cached = usage.cached_tokens;
                 let rest = self.text.finish().map_err(ChoiceError::Detokenize)?;
-                self.shown.push_str(&rest);
                 self.finish = Some(reason);
                 Ok(Progress::Ended { rest, reason })
             }
@@ -128,24 +119,24 @@ impl<'a> ChoiceStream<'a> {
         }
     }
 
-    /// The whole answer (call when [`is_done`](Self::is_done)).
-    pub fn into_output(self) -> ChoiceOut {
-        ChoiceOut {
-            ids: self.text.ids().to_vec(),
-            text: self.shown,
-            finish: self.finish.unwrap_or(FinishReason::Length),
-            cached_tokens: self.cached,
-            logprobs: self.logprobs,
+    /// Takes one event of a whole (non-streamed) answer, keeping its log-probabilities in
+    /// `kept`; the answer once the choice is over.
+    fn absorb(&mut self, ev: Event, kept: &mut Vec<LogprobEntry>) -> Result<Option<ChoiceOut>, ChoiceError> {
+        if let Progress::Text { logprobs, .. } | Progress::Stopped { logprobs, .. } = self.on_event(ev)? {
+            kept.extend(logprobs);
         }
+        let Some(finish) = self.finish else { return Ok(None) };
+        let (text, ids) = (self.text.shown().to_string(), self.text.ids().to_vec());
+        Ok(Some(ChoiceOut { text, ids, finish, cached_tokens: self.cached, logprobs: std::mem::take(kept) }))
     }
 
-    /// Drives a choice to its end (non-streaming).
+    /// Drives a choice to its end (non-streaming). Dropping `rx` after a stop string cancels
+    /// the sequence in the engine.
     pub async fn collect(mut self, mut rx: EventStream) -> Result<ChoiceOut, ChoiceError> {
+        let mut kept = Vec::new();
         while let Some(ev) = rx.recv().await {
-            self.on_event(ev)?;
-            if self.is_done() {
-                // Dropping `rx` after a stop string cancels the sequence in the engine.
-                return Ok(self.into_output());
+            if let Some(out) = self.absorb(ev, &mut kept)? {
+                return Ok(out);
             }
         }
         Err(ChoiceError::Gone)
@@ -153,10 +144,10 @@ impl<'a> ChoiceStream<'a> {
 
     /// [`collect`](Self::collect) for a caller outside an async runtime.
     pub fn collect_blocking(mut self, mut rx: EventStream) -> Result<ChoiceOut, ChoiceError> {
+        let mut kept = Vec::new();
         while let Some(ev) = rx.blocking_recv() {
-            self.on_event(ev)?;
-            if self.is_done() {
-                return Ok(self.into_output());
+            if let Some(out) = self.absorb(ev, &mut kept)? {
+                return Ok(out);
             }
         }
         Err(ChoiceError::Gone)
@@ -212,14 +203,15 @@ impl Endpoint for Chat {
     type Logprobs = ChatLogprobs;
 
     fn logprobs(tok: &FlamingoTokenizer, entries: &[LogprobEntry], _offset: usize) -> ChatLogprobs {
-        let top = |&(id, lp): &(u32, f32)| TopLogprob { token: tok.token_label(id), logprob: f64::from(lp), bytes: tok.token_bytes(id) };
+        let top = |&(id, lp): &(u32, f32)| {
+            let (token, bytes) = tok.token_display(id);
+            TopLogprob { token, logprob: f64::from(lp), bytes }
+        };
         let content = entries
             .iter()
-            .map(|e| TokenLogprob {
-                token: tok.token_label(e.id),
-                logprob: f64::from(e.logprob),
-                bytes: tok.token_bytes(e.id),
-                top_logprobs: e.top.iter().map(top).collect(),
+            .map(|e| {
+                let (token, bytes) = tok.token_display(e.id);
+                TokenLogprob { token, logprob: f64::from(e.logprob), bytes, top_logprobs: e.top.iter().map(top).collect() }
             })
             .collect();
         ChatLogprobs { content }
@@ -256,11 +248,13 @@ impl Endpoint for Completion {
         let mut out = CompletionLogprobs::default();
         let mut at = offset;
         for e in entries {
+            let (token, bytes) = tok.token_display(e.id);
             out.text_offset.push(at);
-            at += tok.token_bytes(e.id).len();
-            out.tokens.push(tok.token_label(e.id));
+            at += bytes.len();
+            out.tokens.push(token);
             out.token_logprobs.push(f64::from(e.logprob));
-            out.top_logprobs.push(e.top.iter().map(|&(id, lp)| (tok.token_label(id), serde_json::Value::from(f64::from(lp)))).collect());
+            out.top_logprobs
+                .push(e.top.iter().map(|&(id, lp)| (tok.token_display(id).0, serde_json::Value::from(f64::from(lp)))).collect());
         }
         out
     }
@@ -300,9 +294,9 @@ pub async fn whole<E: Endpoint>(
     let choices = outs
         .into_iter()
         .enumerate()
-        .map(|(i, o)| {
+        .map(|(i, mut o)| {
             let logprobs = plan.logprobs.map(|_| E::logprobs(&rt.tokenizer, &o.logprobs, 0));
-            let ids = plan.return_ids.then(|| o.ids.clone());
+            let ids = plan.return_ids.then(|| std::mem::take(&mut o.ids));
             E::choice(i, o, logprobs, ids)
         })
         .collect();

@@ -55,6 +55,11 @@ impl<'a> TextStream<'a> {
         &self.ids
     }
 
+    /// The text handed out so far (the whole answer once generation ended).
+    pub fn shown(&self) -> &str {
+        &self.text[..self.emitted]
+    }
+
     /// Appends the text the window has completed; `force` also takes an unfinished character.
     fn advance(&mut self, force: bool) -> flamingo_model::Result<usize> {
         let before = self.text.len();

@@ -12,23 +12,15 @@ use axum::Json;
 use crate::error::ApiError;
 use crate::media;
 use crate::respond::{self, Chat, Completion, Endpoint, Meta};
-use crate::state::{AppState, Inflight};
+use crate::state::{AppState, Inflight, Runtime};
 use crate::validate::{self, Generation};
 
 pub(super) async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let guard = Inflight::new(&st);
-    let rt = st.runtime()?;
-    let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
-    let g = validate::chat(&st, rt, &bytes)?;
-    answer::<Chat>(st, guard, g).await
+    generate::<Chat>(st, headers, body, validate::chat).await
 }
 
 pub(super) async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let guard = Inflight::new(&st);
-    let rt = st.runtime()?;
-    let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
-    let g = validate::completion(&st, rt, &bytes)?;
-    answer::<Completion>(st, guard, g).await
+    generate::<Completion>(st, headers, body, validate::completion).await
 }
 
 /// Reads the body under the configured limit (413 above it).
@@ -50,10 +42,18 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<axum
     })
 }
 
-/// Prepares the media, submits every choice and answers (JSON or SSE).
-async fn answer<E: Endpoint>(st: Arc<AppState>, guard: Inflight, g: Generation) -> Result<Response, ApiError> {
+/// Reads and validates the body, prepares the media, submits every choice and answers (JSON
+/// or SSE).
+async fn generate<E: Endpoint>(
+    st: Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+    validate: fn(&AppState, &Runtime, &[u8]) -> Result<Generation, ApiError>,
+) -> Result<Response, ApiError> {
+    let guard = Inflight::new(&st);
     let rt = st.runtime()?;
-    let Generation { prompt, media, plan } = g;
+    let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
+    let Generation { prompt, media, plan } = validate(&st, rt, &bytes)?;
     let media = media::prepare(&st.fetcher, &rt.media, media).await?;
     let mut streams = Vec::with_capacity(plan.choices.len());
     for req in validate::requests(&prompt, media, &plan, &rt.stop_ids, rt.engine.spec())? {

@@ -41,10 +41,17 @@ impl Route {
         }
     }
 
-    pub fn method(self) -> Method {
+    fn verb(self) -> Verb {
         match self {
-            Route::ChatCompletions | Route::Completions => Method::POST,
-            Route::Models | Route::Model | Route::Health | Route::Metrics => Method::GET,
+            Route::ChatCompletions | Route::Completions => Verb::Post,
+            Route::Models | Route::Model | Route::Health | Route::Metrics => Verb::Get,
+        }
+    }
+
+    pub fn method(self) -> Method {
+        match self.verb() {
+            Verb::Get => Method::GET,
+            Verb::Post => Method::POST,
         }
     }
 
@@ -54,7 +61,10 @@ impl Route {
     }
 
     fn handler(self) -> MethodRouter<Arc<AppState>> {
-        let filter = if self.method() == Method::POST { MethodFilter::POST } else { MethodFilter::GET };
+        let filter = match self.verb() {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+        };
         match self {
             Route::ChatCompletions => on(filter, generate::chat),
             Route::Completions => on(filter, generate::completions),
@@ -64,6 +74,13 @@ impl Route {
             Route::Metrics => on(filter, info::metrics),
         }
     }
+}
+
+/// The methods the routes use (one place that gives both axum's filter and the `Method`).
+#[derive(Debug, Clone, Copy)]
+enum Verb {
+    Get,
+    Post,
 }
 
 /// The router with every route and middleware.
