@@ -24,3 +24,4 @@ pub mod stream;
 pub mod template;
 pub mod textstream;
 pub mod validate;
+pub mod world;

@@ -7,9 +7,11 @@
 //!   (through the engine, as the server runs requests).
 //! - `flamingo download NAME`: fetches a released checkpoint into the HF cache.
 //! - `flamingo bench`: engine measurements on a random model.
+//! - `flamingo shapes --out DIR`: examples of the shapes world the default model knows.
 
 mod bench;
 mod generate;
+mod shapes;
 
 /// mimalloc keeps freed pages for reuse: with the system allocator, the large per-step
 /// activations were returned to the kernel and faulted back in zeroed (7% of a decode step).
@@ -58,6 +60,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure the engine (batching, caches) on a random model of a real shape.
     Bench(bench::BenchArgs),
+    /// Write examples of the shapes world (the default model's training and evaluation data).
+    Shapes(shapes::ShapesArgs),
 }
 
 #[derive(Args, Default)]
@@ -166,6 +170,7 @@ fn main() {
         Some(Command::Download(a)) => run_download(a),
         Some(Command::Generate(a)) => generate::run(a),
         Some(Command::Bench(a)) => bench::run(a),
+        Some(Command::Shapes(a)) => shapes::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
