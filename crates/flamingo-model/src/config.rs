@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::perceiver::PerceiverConfig;
+use crate::preprocess::Resize;
 use crate::vision::VisionConfig;
 use crate::xattn::XattnConfig;
 
@@ -53,6 +54,16 @@ pub struct Overrides {
     pub perceiver: HeadOverrides,
     #[serde(default)]
     pub xattn: HeadOverrides,
+    #[serde(default)]
+    pub preprocess: PreprocessOverrides,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessOverrides {
+    /// `"crop"` (default: open_clip's shortest side to the image size and centre crop) or
+    /// `"stretch"` (the whole image resized to image size x image size).
+    pub resize: Option<Resize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +90,8 @@ pub struct ResolvedConfig {
     pub vision: VisionConfig,
     pub perceiver: PerceiverConfig,
     pub xattn: XattnConfig,
+    /// How images (and video frames) are brought to `vision.image_size` (`[preprocess] resize`).
+    pub resize: Resize,
     /// Decoder layers that have a gated cross-attention block before them.
     pub gated_layers: Vec<usize>,
     /// The interval when the gated layers follow OpenFlamingo's `(i+1) % n == 0` rule.

@@ -223,6 +223,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
         vision: vision_cfg,
         perceiver: perceiver_cfg,
         xattn: xattn_cfg,
+        resize: overrides.preprocess.resize.unwrap_or_default(),
         gated_layers: gated,
         cross_attn_every_n_layers: interval,
         media_token_id: tokenizer.media_token_id(),

@@ -132,6 +132,7 @@ pub fn build(spec: &RandomSpec, device: &Device, dtype: DType) -> Result<Flaming
         vision: vision.clone(),
         perceiver: perceiver.clone(),
         xattn: xattn_cfg,
+        resize: crate::preprocess::Resize::Crop,
         cross_attn_every_n_layers: infer_interval(&gated, spec.n_layers),
         gated_layers: gated,
         media_token_id: (spec.vocab - 2) as u32,

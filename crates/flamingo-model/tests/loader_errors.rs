@@ -138,6 +138,26 @@ fn cross_attn_interval_override_must_match_the_checkpoint() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+#[test]
+fn preprocess_resize_is_read_and_an_unknown_value_is_an_error() {
+    use flamingo_model::preprocess::Resize;
+    let dir = copy_model("mpt_x1", "resize");
+    assert_eq!(load(&dir, &Device::Cpu, DType::F32, &()).unwrap().model.config().resize, Resize::Crop);
+    std::fs::write(dir.join("flamingo.toml"), "[preprocess]\nresize = \"stretch\"\n").unwrap();
+    assert_eq!(load(&dir, &Device::Cpu, DType::F32, &()).unwrap().model.config().resize, Resize::Stretch);
+    std::fs::write(dir.join("flamingo.toml"), "[preprocess]\nresize = \"crop\"\n").unwrap();
+    assert_eq!(load(&dir, &Device::Cpu, DType::F32, &()).unwrap().model.config().resize, Resize::Crop);
+    std::fs::write(dir.join("flamingo.toml"), "[preprocess]\nresize = \"squash\"\n").unwrap();
+    let e = load_err(&dir);
+    for want in ["flamingo.toml", "[preprocess] resize", "squash", "\"crop\" or \"stretch\""] {
+        assert!(e.contains(want), "{want:?} not in {e}");
+    }
+    std::fs::write(dir.join("flamingo.toml"), "[preprocess]\nsize = 96\n").unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("flamingo.toml") && e.contains("size"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// Regression (bug: the loader read `shape()?[0]` of several checkpoint tensors, so a
 /// 0-dimensional tensor panicked instead of failing with the file and the key).
 #[test]

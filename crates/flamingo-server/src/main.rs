@@ -8,8 +8,11 @@
 //! - `flamingo download NAME`: fetches a released checkpoint into the HF cache.
 //! - `flamingo bench`: engine measurements on a random model.
 //! - `flamingo shapes --out DIR`: examples of the shapes world the default model knows.
+//! - `flamingo eval [--model DIR] [--n N] [--seed S] [--json]`: the shapes world's held-out
+//!   evaluation set through the server's chat path, scored per row.
 
 mod bench;
+mod eval;
 mod generate;
 mod shapes;
 
@@ -62,6 +65,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write examples of the shapes world (the default model's training and evaluation data).
     Shapes(shapes::ShapesArgs),
+    /// Score a model on the shapes world's held-out evaluation set, through the server's chat
+    /// path.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args, Default)]
@@ -171,6 +177,7 @@ fn main() {
         Some(Command::Generate(a)) => generate::run(a),
         Some(Command::Bench(a)) => bench::run(a),
         Some(Command::Shapes(a)) => shapes::run(a),
+        Some(Command::Eval(a)) => eval::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use flamingo_engine::{media_key, PreparedMedia};
 use flamingo_model::candle::{Device, Tensor};
-use flamingo_model::preprocess::{self, ImageLimits, PilImage, PilMode};
+use flamingo_model::preprocess::{self, ImageLimits, PilImage, PilMode, Resize};
 use flamingo_model::Flamingo;
 use image::AnimationDecoder;
 
@@ -17,6 +17,9 @@ use crate::template::MediaRef;
 #[derive(Debug, Clone)]
 pub struct MediaSpec {
     pub image_size: usize,
+    /// How images and frames are brought to `image_size` (the model directory's
+    /// `[preprocess] resize`).
+    pub resize: Resize,
     /// Frames a video may have (`None`: the Perceiver has no frame embeddings, no video).
     pub max_frames: Option<usize>,
     pub device: Device,
@@ -30,6 +33,7 @@ impl MediaSpec {
         let cfg = model.config();
         Self {
             image_size: cfg.vision.image_size,
+            resize: cfg.resize,
             max_frames: cfg.perceiver.max_num_frames,
             device: model.device().clone(),
             limits,
@@ -39,13 +43,21 @@ impl MediaSpec {
 
     /// Preprocessing settings that, with the bytes, determine the pixels (part of the cache key).
     fn preprocessing(&self) -> String {
-        format!("openclip-bicubic-center-crop-{}", self.image_size)
+        match self.resize {
+            Resize::Crop => format!("openclip-bicubic-center-crop-{}", self.image_size),
+            Resize::Stretch => format!("rgb-bicubic-stretch-{}", self.image_size),
+        }
+    }
+
+    /// One image file's bytes decoded and preprocessed as the model wants: `[3, H, W]`.
+    fn pixels(&self, bytes: &[u8]) -> Result<Tensor, flamingo_model::Error> {
+        preprocess::preprocess_with(bytes, self.image_size, self.resize, &self.limits, &self.device)
     }
 
     /// One still image (PNG, JPEG, WebP, GIF's first frame, BMP): its pixels `[1, 3, H, W]` as
-    /// open_clip preprocesses them, and its key.
+    /// the model's preprocessing makes them (open_clip's, or the stretch), and its key.
     pub fn image(&self, bytes: &[u8]) -> Result<PreparedMedia, flamingo_model::Error> {
-        let px = preprocess::preprocess(bytes, self.image_size, &self.limits, &self.device)?;
+        let px = self.pixels(bytes)?;
         Ok(PreparedMedia { key: media_key(bytes, &self.preprocessing()), pixels: px.unsqueeze(0)? })
     }
 }
@@ -129,14 +141,13 @@ fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, kind: Kind, param: &str) -
             }
             let size = spec.image_size;
             imgs.iter()
-                .map(|img| Tensor::from_vec(preprocess::clip_pixels(img, size), (3, size, size), &spec.device))
+                .map(|img| Tensor::from_vec(preprocess::pixels(img, size, spec.resize), (3, size, size), &spec.device))
                 .collect::<Result<_, _>>()
                 .map_err(internal)?
         }
-        (Kind::Frames, frames) if !frames.is_empty() => frames
-            .iter()
-            .map(|b| preprocess::preprocess(b, spec.image_size, &spec.limits, &spec.device).map_err(|e| bad(e.to_string())))
-            .collect::<Result<_, _>>()?,
+        (Kind::Frames, frames) if !frames.is_empty() => {
+            frames.iter().map(|b| spec.pixels(b).map_err(|e| bad(e.to_string()))).collect::<Result<_, _>>()?
+        }
         _ => return Err(ApiError::internal(format!("{param}: no media fetched"))),
     };
     let pixels = Tensor::stack(&frames, 0).map_err(internal)?;
@@ -173,4 +184,41 @@ fn gif_frames(bytes: &[u8], limits: &ImageLimits, max: usize) -> Result<Vec<PilI
         return Err("the animation has no frames".into());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(resize: Resize) -> MediaSpec {
+        MediaSpec { image_size: 96, resize, max_frames: Some(4), device: Device::Cpu, limits: ImageLimits::default(), max_video_frames: 8 }
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().and_then(|t| t.to_vec1()).unwrap()
+    }
+
+    #[test]
+    fn the_model_directorys_resize_is_used_for_images_and_every_frame() {
+        let png = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/stretch/wide_300x200.png")).unwrap();
+        let (crop, stretch) = (spec(Resize::Crop), spec(Resize::Stretch));
+        let a = crop.image(&png).unwrap();
+        let b = stretch.image(&png).unwrap();
+        assert_ne!(a.key, b.key, "the preprocessing is part of the vision-cache key");
+        let img = preprocess::decode(&png, &ImageLimits::default()).unwrap();
+        assert_eq!(values(&a.pixels), preprocess::clip_pixels(&img, 96));
+        assert_eq!(values(&b.pixels), preprocess::stretch_pixels(&img, 96));
+
+        // A video as frame URLs and as an animated GIF: each frame stretched.
+        let frames = prepare_one(&stretch, vec![png.clone(), png.clone()], Kind::Frames, "v").unwrap();
+        assert_eq!(frames.pixels.dims(), &[2, 3, 96, 96]);
+        assert_eq!(values(&frames.pixels.get(1).unwrap()), preprocess::stretch_pixels(&img, 96));
+        let mut rng = crate::world::rng(0, crate::world::Split::Eval);
+        let video = crate::world::Media::Video(crate::world::scene::sample_video(&mut rng));
+        let gif = video.encode();
+        let anim = prepare_one(&stretch, vec![gif.clone()], Kind::Animation, "v").unwrap();
+        let decoded = gif_frames(&gif, &ImageLimits::default(), 8).unwrap();
+        assert_eq!(anim.pixels.dims()[0], decoded.len());
+        assert_eq!(values(&anim.pixels.get(0).unwrap()), preprocess::stretch_pixels(&decoded[0], 96));
+    }
 }

@@ -1,4 +1,5 @@
-//! The `flamingo generate` contract, run as a user runs it, on the tiny reference fixtures.
+//! The `flamingo generate` and `flamingo eval` contracts, run as a user runs them, on the tiny
+//! reference fixtures.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -152,4 +153,89 @@ fn bench_runs_on_a_tiny_random_model() {
         assert!(text.contains(section), "{text}");
     }
     assert!(text.contains("| 4 |"), "{text}");
+}
+
+#[test]
+fn eval_prints_every_row_as_json() {
+    // A random model scores about nothing; the contract is the shape of the report. Its
+    // Perceiver has no frame embeddings, so the motion row's videos are refused (and counted
+    // as wrong), which must not end the run.
+    let out = flamingo(&["eval", "--model", "tests/fixtures/models/mosaicgpt_x1", "--n", "2", "--seed", "3", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(v["model"].as_str(), Some("tests/fixtures/models/mosaicgpt_x1"));
+    assert_eq!((v["seed"].as_u64(), v["n"].as_u64()), (Some(3), Some(2)));
+    let rows = v["rows"].as_object().expect("rows");
+    let want = flamingo_server::world::EVAL_ROWS;
+    let mut names: Vec<&str> = rows.keys().map(String::as_str).collect();
+    let mut sorted = want.to_vec();
+    names.sort_unstable();
+    sorted.sort_unstable();
+    assert_eq!(names, sorted, "every row");
+    // In the table's order in the text (serde_json's map above sorts its keys).
+    let raw = String::from_utf8_lossy(&out.stdout);
+    let at: Vec<usize> = want.iter().map(|r| raw.find(&format!("\"{r}\":{{")).expect("row key")).collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{raw}");
+    for (row, r) in rows {
+        assert_eq!(r["n"].as_u64(), Some(2), "{row}");
+        let (correct, acc) = (r["correct"].as_u64().unwrap(), r["accuracy"].as_f64().unwrap());
+        assert!(correct <= 2 && (acc - correct as f64 / 2.0).abs() < 1e-9, "{row}: {r}");
+    }
+    assert_eq!(rows["motion"]["failed"].as_u64(), Some(2), "{}", v);
+
+    // The table, and wrong replies with --show-errors.
+    let out = flamingo(&["eval", "--model", "tests/fixtures/models/mosaicgpt_x1", "--n", "1", "--show-errors", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("row"), "{text}");
+    for row in want {
+        assert!(text.lines().any(|l| l.starts_with(row) && l.ends_with('%')), "{row}: {text}");
+    }
+    assert!(text.contains("expected:"), "{text}");
+}
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+#[test]
+fn generate_preprocesses_as_the_model_directory_says() {
+    // The same model with `[preprocess] resize = "stretch"`: the whole 451x300 image reaches
+    // the vision tower instead of its centre, and the random model's greedy ids change.
+    let dir = std::env::temp_dir().join(format!("flamingo-cli-stretch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&root().join("tests/fixtures/models/mosaicgpt_x1"), &dir);
+    std::fs::write(dir.join("flamingo.toml"), "[preprocess]\nresize = \"stretch\"\n").unwrap();
+    let run = |model: &str| {
+        let out = flamingo(&[
+            "generate",
+            "--model",
+            model,
+            "--image",
+            "tests/fixtures/images/chelsea.png",
+            "--prompt",
+            "<image>Output:",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        ids(&v["token_ids"])
+    };
+    let stretched = run(dir.to_str().unwrap());
+    assert_ne!(stretched, run("tests/fixtures/models/mosaicgpt_x1"));
+    std::fs::write(dir.join("flamingo.toml"), "[preprocess]\nresize = \"squash\"\n").unwrap();
+    let out = flamingo(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("flamingo.toml") && err.contains("[preprocess] resize") && err.contains("\"stretch\""), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

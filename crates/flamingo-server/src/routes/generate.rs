@@ -9,11 +9,14 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use flamingo_engine::EventStream;
+
+use crate::api::{ChatChoice, CompletionBody};
 use crate::error::ApiError;
 use crate::media;
 use crate::respond::{self, Chat, Completion, Endpoint, Meta};
 use crate::state::{AppState, Inflight, Runtime};
-use crate::validate::{self, Generation};
+use crate::validate::{self, Generation, Plan};
 
 pub(super) async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     generate::<Chat>(st, headers, body, validate::chat).await
@@ -42,6 +45,29 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<axum
     })
 }
 
+/// Every choice of a validated request, submitted.
+struct Submitted {
+    streams: Vec<EventStream>,
+    plan: Plan,
+    prompt_tokens: usize,
+}
+
+/// Validates the body, prepares the media and submits every choice to the engine.
+async fn submit(
+    st: &AppState,
+    rt: &Runtime,
+    bytes: &[u8],
+    validate: fn(&AppState, &Runtime, &[u8]) -> Result<Generation, ApiError>,
+) -> Result<Submitted, ApiError> {
+    let Generation { prompt, media, plan } = validate(st, rt, bytes)?;
+    let media = media::prepare(&st.fetcher, &rt.media, media).await?;
+    let mut streams = Vec::with_capacity(plan.choices.len());
+    for req in validate::requests(&prompt, media, &plan, &rt.stop_ids, rt.engine.spec())? {
+        streams.push(rt.engine.submit(req).map_err(|e| ApiError::from_engine(&e, st.retry_after()))?);
+    }
+    Ok(Submitted { streams, plan, prompt_tokens: prompt.len() })
+}
+
 /// Reads and validates the body, prepares the media, submits every choice and answers (JSON
 /// or SSE).
 async fn generate<E: Endpoint>(
@@ -53,17 +79,29 @@ async fn generate<E: Endpoint>(
     let guard = Inflight::new(&st);
     let rt = st.runtime()?;
     let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
-    let Generation { prompt, media, plan } = validate(&st, rt, &bytes)?;
-    let media = media::prepare(&st.fetcher, &rt.media, media).await?;
-    let mut streams = Vec::with_capacity(plan.choices.len());
-    for req in validate::requests(&prompt, media, &plan, &rt.stop_ids, rt.engine.spec())? {
-        streams.push(rt.engine.submit(req).map_err(|e| ApiError::from_engine(&e, st.retry_after()))?);
-    }
-    let meta = Meta::new::<E>(&st.served_name, prompt.len());
+    let Submitted { streams, plan, prompt_tokens } = submit(&st, rt, &bytes, validate).await?;
+    let meta = Meta::new::<E>(&st.served_name, prompt_tokens);
     if plan.stream {
         return Ok(crate::stream::respond::<E>(st.clone(), guard, streams, plan, meta));
     }
     let body = respond::whole::<E>(rt, streams, &plan, meta, st.retry_after()).await?;
     drop(guard);
     Ok(Json(body).into_response())
+}
+
+/// A `/v1/chat/completions` body answered in process, exactly as the endpoint answers it
+/// without streaming (the same validation, template, media preparation, engine and response;
+/// no HTTP, no middleware): what `flamingo eval` runs. A body asking for a stream gets the
+/// whole response.
+pub async fn chat_in_process(st: &Arc<AppState>, body: &[u8]) -> Result<CompletionBody<ChatChoice>, ApiError> {
+    let guard = Inflight::new(st);
+    let rt = st.runtime()?;
+    if body.len() > st.cfg.limits.max_body_bytes {
+        return Err(ApiError::too_large(st.cfg.limits.max_body_bytes));
+    }
+    let Submitted { streams, plan, prompt_tokens } = submit(st, rt, body, validate::chat).await?;
+    let meta = Meta::new::<Chat>(&st.served_name, prompt_tokens);
+    let out = respond::whole::<Chat>(rt, streams, &plan, meta, st.retry_after()).await;
+    drop(guard);
+    out
 }

@@ -15,6 +15,8 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+pub use generate::chat_in_process;
+
 /// Every route the server answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {

@@ -153,7 +153,7 @@ fn shape_word(w: &str) -> Option<Shape> {
 /// when it is not a list of "<count> <colour> <shape>" groups.
 pub fn parse_description(text: &str) -> Option<BTreeMap<(Colour, Shape), usize>> {
     let ws: Vec<String> = words(text).into_iter().filter(|w| w != "and").collect();
-    if ws.is_empty() || ws.len() % 3 != 0 {
+    if ws.is_empty() || !ws.len().is_multiple_of(3) {
         return None;
     }
     let mut m = BTreeMap::new();
