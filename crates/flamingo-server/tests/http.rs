@@ -1,4 +1,5 @@
-//! The HTTP API over a real bound port, with the embedded tiny reference model.
+//! The HTTP API over a real bound port, with the tiny reference model of the fixtures
+//! (`tests/fixtures/models/mosaicgpt_x1`, random weights), served as `flamingo-tiny-reference`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,7 +27,12 @@ fn cfg() -> Config {
     let mut c = Config::defaults();
     c.server.port = 0;
     c.server.shutdown_grace_seconds = 10;
+    c.server.served_model_name = "flamingo-tiny-reference".into();
     c
+}
+
+fn tiny_reference() -> ModelSource {
+    ModelSource::Dir(repo().join("tests/fixtures/models/mosaicgpt_x1"))
 }
 
 struct Server {
@@ -37,7 +43,7 @@ struct Server {
 
 impl Server {
     async fn start(c: Config) -> Self {
-        let handle = serve(c, ModelSource::Embedded, false).await.expect("server starts");
+        let handle = serve(c, tiny_reference(), false).await.expect("server starts");
         let base = format!("http://{}", handle.addr);
         let http = reqwest::Client::new();
         for _ in 0..200 {

@@ -29,7 +29,8 @@ async fn official_openai_python_client() {
     let mut cfg = Config::defaults();
     cfg.server.port = 0;
     cfg.server.api_keys = vec!["sk-flamingo-test".into()];
-    let handle = serve(cfg, ModelSource::Embedded, false).await.unwrap();
+    cfg.server.served_model_name = "flamingo-tiny-reference".into();
+    let handle = serve(cfg, ModelSource::Dir(repo.join("tests/fixtures/models/mosaicgpt_x1")), false).await.unwrap();
     let base = format!("http://{}", handle.addr);
     let http = reqwest::Client::new();
     for _ in 0..200 {

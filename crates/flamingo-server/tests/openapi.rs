@@ -747,11 +747,15 @@ fn cfg() -> Config {
     let mut c = Config::defaults();
     c.server.port = 0;
     c.server.shutdown_grace_seconds = 10;
+    c.server.served_model_name = MODEL.into();
     c
 }
 
 async fn start(c: Config) -> (ServerHandle, String) {
-    let handle = serve(c, ModelSource::Embedded, false).await.expect("server starts");
+    let handle =
+        serve(c, ModelSource::Dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/mosaicgpt_x1")), false)
+            .await
+            .expect("server starts");
     let base = format!("http://{}", handle.addr);
     let http = reqwest::Client::new();
     for _ in 0..400 {

@@ -610,8 +610,10 @@ fn unknown_model_name_fails_clearly() {
 #[test]
 fn sigterm_drains_an_inflight_stream() {
     let tmp = TempDir::new("drain");
-    // The embedded model, default (text) logs.
-    let mut server = Server::start(&["serve", "--port", "0"], &[], &tmp.0, text_listening);
+    // The tiny random model (it does not stop early), default (text) logs.
+    let model = root().join("tests/fixtures/models/mosaicgpt_x1");
+    let model = model.to_string_lossy();
+    let mut server = Server::start(&["serve", "--model", &model, "--port", "0"], &[], &tmp.0, text_listening);
     let rt = runtime();
     let (first, rest, health_body, late_chat) = rt.block_on(async {
         let http = client();
