@@ -1,27 +1,28 @@
-//! The default model embedded in the binary: the tiny reference model of the test fixtures
-//! (`tests/fixtures/models/mosaicgpt_x1`, an OpenFlamingo-3B-shaped MosaicGPT model with random
-//! weights, made by `tests/reference/make_fixtures.py`). It lets `cargo run --release` answer
-//! requests with no download; its answers are not meaningful text.
+//! The default model embedded in the binary: flamingo-mini (`models/flamingo-mini`, trained by
+//! `training/train.sh` on the shapes world; its model card is `models/flamingo-mini/README.md`).
+//! It lets `cargo run --release` answer questions about images of flat coloured shapes, videos
+//! of a moving shape and few-shot episodes, with no download.
 
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 /// The name `/v1/models` lists for it.
-pub const NAME: &str = "flamingo-tiny-reference";
+pub const NAME: &str = "flamingo-mini";
 
 macro_rules! fixture {
     ($p:literal) => {
-        ($p, include_bytes!(concat!("../../../tests/fixtures/models/mosaicgpt_x1/", $p)).as_slice())
+        ($p, include_bytes!(concat!("../../../models/flamingo-mini/", $p)).as_slice())
     };
 }
 
 const FILES: &[(&str, &[u8])] = &[
     fixture!("checkpoint.pt"),
+    fixture!("flamingo.toml"),
     fixture!("clip/open_clip_config.json"),
     fixture!("clip/open_clip_pytorch_model.bin"),
     fixture!("lm/config.json"),
-    fixture!("lm/pytorch_model.bin"),
+    fixture!("lm/model.safetensors"),
     fixture!("lm/special_tokens_map.json"),
     fixture!("lm/tokenizer.json"),
     fixture!("lm/tokenizer_config.json"),

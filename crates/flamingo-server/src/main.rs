@@ -73,8 +73,8 @@ enum Command {
 #[derive(Args, Default)]
 struct ServeArgs {
     /// Model directory, or a released checkpoint's name (e.g.
-    /// openflamingo/OpenFlamingo-3B-vitl-mpt1b, downloaded to the HF cache). Default: the tiny
-    /// reference model embedded in the binary.
+    /// openflamingo/OpenFlamingo-3B-vitl-mpt1b, downloaded to the HF cache). Default:
+    /// flamingo-mini, the model embedded in the binary.
     #[arg(long)]
     model: Option<String>,
     /// Address to listen on (default 127.0.0.1).

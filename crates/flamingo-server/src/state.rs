@@ -21,7 +21,7 @@ use crate::media::MediaSpec;
 /// Where the model comes from.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
-    /// The tiny reference model embedded in the binary.
+    /// flamingo-mini, the model embedded in the binary.
     Embedded,
     /// A model directory.
     Dir(PathBuf),
