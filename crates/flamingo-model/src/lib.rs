@@ -21,6 +21,7 @@ pub mod loader;
 pub mod manifest;
 pub mod model;
 pub mod nn;
+pub mod paged;
 pub mod perceiver;
 pub mod preprocess;
 pub mod random;

@@ -231,7 +231,8 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
         eos_token_id: tokenizer.eos_token_id(),
         vocab_rows,
     };
-    let model = Flamingo { vision, perceiver, xattn, lm, config, device: device.clone(), dtype };
+    let mut model = Flamingo { vision, perceiver, xattn, lm, config, device: device.clone(), dtype, kv_pool: None };
+    model.set_paged_kv(Flamingo::default_paged(device));
     Ok(Loaded { model, tokenizer, files })
 }
 

@@ -6,11 +6,14 @@
 //! each with any number of new tokens (a prefill chunk or one decode token), stacked so each
 //! weight matrix is read once for all of them.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ResolvedConfig;
 use crate::error::{Error, Result};
 use crate::lm::{Batch, LanguageModel};
+use crate::paged::KvPool;
 use crate::perceiver::PerceiverResampler;
 use crate::state::SequenceState;
 use crate::vision::VisionTransformer;
@@ -69,6 +72,9 @@ pub struct Flamingo {
     pub(crate) config: ResolvedConfig,
     pub(crate) device: Device,
     pub(crate) dtype: DType,
+    /// The paged K/V pool, when sequences keep their self-attention K/V in it (see
+    /// [`crate::paged`]): the default off the CPU.
+    pub(crate) kv_pool: Option<Arc<KvPool>>,
 }
 
 impl Flamingo {
@@ -99,7 +105,25 @@ impl Flamingo {
 
     /// A fresh per-request state.
     pub fn new_state(&self) -> SequenceState {
-        SequenceState::new(self.lm.num_layers())
+        SequenceState::new(self.lm.num_layers(), self.kv_pool.as_ref())
+    }
+
+    /// Chooses where sequences keep their self-attention K/V: in one paged pool on the device,
+    /// attended in a constant number of batched operations per layer (`true`, the default
+    /// off the CPU), or in caches of their own, attended by the CPU's fused loop (`false`, the
+    /// default on the CPU). States made before the switch must not be mixed with later ones.
+    pub fn set_paged_kv(&mut self, paged: bool) {
+        self.kv_pool = paged.then(|| Arc::new(KvPool::new(self.lm.num_layers(), self.lm.kv_heads(), self.lm.kv_width(), self.dtype, &self.device)));
+    }
+
+    /// The paged K/V pool, if sequences use one.
+    pub fn kv_pool(&self) -> Option<&Arc<KvPool>> {
+        self.kv_pool.as_ref()
+    }
+
+    /// The K/V layout a device gets by default: paged everywhere but on the CPU.
+    pub(crate) fn default_paged(device: &Device) -> bool {
+        !device.is_cpu()
     }
 
     /// Whether the Perceiver accepts several frames per media.
@@ -174,11 +198,22 @@ impl Flamingo {
         if !state.is_empty() || state.decode_media.is_some() {
             return Err(Error::Invalid("a prefix can only be restored into a fresh state".into()));
         }
-        if blocks.iter().any(|b| b.layers.len() != state.kv.len()) {
+        if blocks.iter().any(|b| b.layers.len() != self.lm.num_layers()) {
             return Err(Error::Invalid("prefix block from another model".into()));
         }
         // The first append (a restored block, or the prefill) allocates all of it.
         let total = capacity.max(blocks.iter().map(|b| b.len).sum());
+        if let Some(p) = state.paged.as_mut() {
+            p.reserve(total)?;
+            for b in blocks {
+                p.append(&b.layers)?;
+                state.media_seen += b.media;
+            }
+            if state.media_seen > state.num_images {
+                return Err(Error::Invalid("restored prefix refers to more images than are attached".into()));
+            }
+            return Ok(());
+        }
         for cache in state.kv.iter_mut() {
             cache.set_min_capacity(total);
         }
@@ -234,6 +269,11 @@ impl Flamingo {
         }
         let lens: Vec<usize> = inputs.iter().map(|i| i.len()).collect();
         let pasts: Vec<usize> = states.iter().map(|s| s.len()).collect();
+        for ((st, &len), &past) in states.iter_mut().zip(&lens).zip(&pasts) {
+            if let Some(p) = st.paged.as_mut() {
+                p.reserve(past + len)?;
+            }
+        }
         let mut batch = Batch::new(states, lens, pasts);
         let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.lm.embed(&ids_t, batch.positions())?.to_dtype(self.dtype)?;
@@ -243,6 +283,11 @@ impl Flamingo {
                 x = block.forward(&x, &seqs)?;
             }
             x = self.lm.layer(i).forward(&x, &mut batch)?;
+        }
+        for ((st, &len), &past) in batch.seqs.iter_mut().zip(&batch.lens).zip(&batch.pasts) {
+            if let Some(p) = st.paged.as_mut() {
+                p.set_len(past + len);
+            }
         }
         let x = match which {
             Logits::All => x,

@@ -140,7 +140,7 @@ pub fn build(spec: &RandomSpec, device: &Device, dtype: DType) -> Result<Flaming
         eos_token_id: None,
         vocab_rows: spec.vocab,
     };
-    Ok(Flamingo {
+    let mut model = Flamingo {
         vision: VisionTransformer::new(&vision, vb.pp("visual"))?,
         perceiver: PerceiverResampler::new(&perceiver, vb.pp("perceiver"))?,
         xattn,
@@ -148,7 +148,10 @@ pub fn build(spec: &RandomSpec, device: &Device, dtype: DType) -> Result<Flaming
         config,
         device: device.clone(),
         dtype,
-    })
+        kv_pool: None,
+    };
+    model.set_paged_kv(Flamingo::default_paged(device));
+    Ok(model)
 }
 
 impl Flamingo {

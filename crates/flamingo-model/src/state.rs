@@ -4,7 +4,11 @@
 //! gated layer (computed once from its images' latents: they never change during the request),
 //! and the running media count that implements OpenFlamingo's masking rule.
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor};
+
+use crate::paged::{KvPool, PagedKv};
 
 /// A growable `[heads, len, head_dim]` key/value cache for one decoder layer.
 ///
@@ -220,7 +224,10 @@ impl XattnImages {
 /// Everything one sequence carries between forward calls.
 #[derive(Debug)]
 pub struct SequenceState {
+    /// Per-layer caches of its own (the CPU path), unused when `paged` is set.
     pub(crate) kv: Vec<KvCache>,
+    /// The sequence's blocks in the model's K/V pool (the batched device path).
+    pub(crate) paged: Option<PagedKv>,
     pub(crate) xattn: Vec<XattnImages>,
     /// Number of images whose latents are attached.
     pub(crate) num_images: usize,
@@ -232,9 +239,10 @@ pub struct SequenceState {
 }
 
 impl SequenceState {
-    pub(crate) fn new(num_layers: usize) -> Self {
+    pub(crate) fn new(num_layers: usize, pool: Option<&Arc<KvPool>>) -> Self {
         Self {
-            kv: (0..num_layers).map(|_| KvCache::default()).collect(),
+            kv: if pool.is_some() { Vec::new() } else { (0..num_layers).map(|_| KvCache::default()).collect() },
+            paged: pool.map(|p| PagedKv::new(p.clone())),
             xattn: vec![XattnImages::default(); num_layers],
             num_images: 0,
             media_seen: 0,
@@ -246,6 +254,7 @@ impl SequenceState {
     pub fn fork(&self) -> Result<Self> {
         Ok(Self {
             kv: self.kv.iter().map(|c| c.fork()).collect::<Result<_>>()?,
+            paged: self.paged.as_ref().map(PagedKv::fork).transpose()?,
             xattn: self.xattn.clone(),
             num_images: self.num_images,
             media_seen: self.media_seen,
@@ -255,11 +264,19 @@ impl SequenceState {
 
     /// Tokens processed so far.
     pub fn len(&self) -> usize {
-        self.kv.first().map_or(0, |c| c.len())
+        match &self.paged {
+            Some(p) => p.len(),
+            None => self.kv.first().map_or(0, |c| c.len()),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether the self-attention K/V live in the model's pool (the batched device path).
+    pub fn is_paged(&self) -> bool {
+        self.paged.is_some()
     }
 
     pub fn num_images(&self) -> usize {
@@ -269,13 +286,16 @@ impl SequenceState {
     /// Copies the K/V of prompt positions `start..start + len` (all layers); `media` is the
     /// number of `<image>` tokens among them.
     pub fn kv_block(&self, start: usize, len: usize, media: usize) -> Result<KvBlock> {
-        let layers = self.kv.iter().map(|c| c.rows(start, len)).collect::<Result<_>>()?;
+        let layers = match &self.paged {
+            Some(p) => p.read(start, len)?,
+            None => self.kv.iter().map(|c| c.rows(start, len)).collect::<Result<_>>()?,
+        };
         Ok(KvBlock { layers, len, media })
     }
 
     /// Bytes held by the self-attention caches.
     pub fn kv_bytes(&self) -> usize {
-        self.kv.iter().map(|c| c.bytes()).sum()
+        self.paged.as_ref().map_or(0, PagedKv::bytes) + self.kv.iter().map(|c| c.bytes()).sum::<usize>()
     }
 
     /// Bytes of the cross-attention K/V the sequence refers to (shared with the vision cache

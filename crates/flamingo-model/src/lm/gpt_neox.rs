@@ -64,6 +64,9 @@ impl Layer {
 }
 
 impl DecoderLayer for Layer {
+    fn kv_heads(&self) -> usize {
+        self.attn.kv_heads
+    }
     fn forward(&self, x: &Tensor, batch: &mut Batch) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
         let (h, d) = (self.attn.heads, self.attn.head_dim);

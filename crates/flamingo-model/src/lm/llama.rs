@@ -62,6 +62,9 @@ struct Layer {
 }
 
 impl DecoderLayer for Layer {
+    fn kv_heads(&self) -> usize {
+        self.attn.kv_heads
+    }
     fn forward(&self, x: &Tensor, batch: &mut Batch) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
         let q = batch.rotate(&self.rotary, &self.q_proj.forward(&h)?, self.attn.heads)?;

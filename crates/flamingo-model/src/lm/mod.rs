@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use rayon::prelude::*;
 
 use crate::nn::{attend_row, attention, causal_mask, merge_heads, repeat_kv, split_heads, with_f32, Keys};
+use crate::paged::{self, PagedStep};
 use crate::state::SequenceState;
 
 /// The sequences of one forward call: `lens[i]` new tokens of `seqs[i]`, stacked in order, each
@@ -30,13 +31,16 @@ pub struct Batch<'a, 'b> {
     /// Rotary cos/sin tables for `positions`, built by the first layer that needs them (all
     /// layers of a model share one rotary setting).
     rope_tables: Option<(Tensor, Tensor)>,
+    /// The paged caches' indices and masks for this forward, built by the first layer when the
+    /// sequences' K/V live in a pool (the same in every layer).
+    pub(crate) paged: Option<PagedStep>,
 }
 
 impl<'a, 'b> Batch<'a, 'b> {
     pub fn new(seqs: &'a mut [&'b mut SequenceState], lens: Vec<usize>, pasts: Vec<usize>) -> Self {
         let n = seqs.len();
         let positions = lens.iter().zip(&pasts).flat_map(|(&len, &past)| (past..past + len).map(|p| p as u32)).collect();
-        Self { seqs, lens, pasts, attn_bias: vec![None; n], positions, rope_tables: None }
+        Self { seqs, lens, pasts, attn_bias: vec![None; n], positions, rope_tables: None, paged: None }
     }
 }
 
@@ -66,6 +70,8 @@ impl Batch<'_, '_> {
 pub trait DecoderLayer: Send + Sync {
     /// `x`: `[n, hidden]` rows of `batch`; appends this layer's K/V to each sequence's cache.
     fn forward(&self, x: &Tensor, batch: &mut Batch) -> Result<Tensor>;
+    /// Key/value heads of the layer's self-attention.
+    fn kv_heads(&self) -> usize;
 }
 
 /// A decoder-only language model split so that Flamingo can run a gated cross-attention block
@@ -82,6 +88,14 @@ pub trait LanguageModel: Send + Sync {
     /// Width of one token's keys (= values) in one layer: `kv_heads * head_dim`.
     fn kv_width(&self) -> usize {
         self.hidden_size()
+    }
+    /// Key/value heads per layer.
+    fn kv_heads(&self) -> usize {
+        if self.num_layers() == 0 {
+            1
+        } else {
+            self.layer(0).kv_heads()
+        }
     }
 }
 
@@ -122,6 +136,9 @@ impl SelfAttention {
     /// fused loop over the sequence's cache (see [`decode_attention`]); prefill chunks use
     /// batched matmuls.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, batch: &mut Batch) -> Result<Tensor> {
+        if batch.seqs.first().is_some_and(|s| s.is_paged()) {
+            return self.forward_paged(q, k, v, batch);
+        }
         let (n, hd) = q.dims2()?;
         let fast = q.device().is_cpu() && q.dtype() == DType::F32;
         let q = if fast { q.contiguous()? } else { q.clone() };
@@ -181,6 +198,65 @@ impl SelfAttention {
             Tensor::from_vec(out, (n, hd), q.device())
         } else {
             Tensor::cat(&outs, 0)
+        }
+    }
+}
+
+impl SelfAttention {
+    /// [`Self::forward`] over paged caches: one scatter writes all new K/V rows, the decode rows
+    /// attend together over one gather of their caches, prefill chunks attend per sequence.
+    fn forward_paged(&self, q: &Tensor, k: &Tensor, v: &Tensor, batch: &mut Batch) -> Result<Tensor> {
+        if batch.paged.is_none() {
+            let mut tables = Vec::with_capacity(batch.seqs.len());
+            for st in batch.seqs.iter() {
+                match &st.paged {
+                    Some(p) => tables.push(p),
+                    None => candle_core::bail!("a batch mixes paged and unpaged sequences"),
+                }
+            }
+            let width = self.kv_heads * self.head_dim;
+            batch.paged = Some(PagedStep::new(&tables, &batch.lens, &batch.pasts, width, self.alibi.as_ref(), q.device())?);
+        }
+        let Batch { seqs, lens, pasts, attn_bias, paged, .. } = batch;
+        let (Some(step), Some(pool)) = (paged.as_ref(), seqs.first().and_then(|s| s.paged.as_ref()).map(|p| p.pool())) else {
+            candle_core::bail!("paged step missing");
+        };
+        let (kp, vp) = pool.layer(self.layer)?;
+        kp.scatter_set(&step.write, &k.to_dtype(kp.dtype())?.contiguous()?, 0)?;
+        vp.scatter_set(&step.write, &v.to_dtype(vp.dtype())?.contiguous()?, 0)?;
+        let mut parts = Vec::with_capacity(step.prefill.len() + 1);
+        if let Some(d) = &step.decode {
+            // A pure decode step's rows are all the rows, in order.
+            let qd = if d.b == q.dim(0)? { q.clone() } else { q.contiguous()?.index_select(&d.rows, 0)? };
+            let (kd, vd) = (kp.index_select(&d.gather, 0)?, vp.index_select(&d.gather, 0)?);
+            parts.push(paged::decode_attention(&qd, &kd, &vd, d, self.heads, self.kv_heads, self.scale)?.to_dtype(q.dtype())?);
+        }
+        let rep = self.heads / self.kv_heads;
+        let mut off = Vec::with_capacity(lens.len());
+        let mut o = 0;
+        for &l in lens.iter() {
+            off.push(o);
+            o += l;
+        }
+        for (i, rows) in &step.prefill {
+            let (i, len, past) = (*i, lens[*i], pasts[*i]);
+            let qi = split_heads(&q.narrow(0, off[i], len)?, self.heads)?;
+            let ka = repeat_kv(&paged::as_heads(&kp.index_select(rows, 0)?, self.kv_heads)?, rep)?;
+            let va = repeat_kv(&paged::as_heads(&vp.index_select(rows, 0)?, self.kv_heads)?, rep)?;
+            let bias = match &attn_bias[i] {
+                Some(b) => b.clone(),
+                None => {
+                    let b = self.bias(len, past, q.device())?;
+                    attn_bias[i] = Some(b.clone());
+                    b
+                }
+            };
+            parts.push(merge_heads(&attention(&qi, &ka.to_dtype(q.dtype())?, &va.to_dtype(q.dtype())?, self.scale, bias.as_ref())?)?);
+        }
+        let out = if parts.len() == 1 { parts.remove(0) } else { Tensor::cat(&parts, 0)? };
+        match &step.order {
+            Some(order) => out.index_select(order, 0),
+            None => Ok(out),
         }
     }
 }

@@ -106,6 +106,9 @@ impl MptBlock {
 }
 
 impl DecoderLayer for MptBlock {
+    fn kv_heads(&self) -> usize {
+        self.attn.kv_heads
+    }
     fn forward(&self, x: &Tensor, batch: &mut Batch) -> Result<Tensor> {
         let d = self.d_model;
         let mut qkv = self.wqkv.forward(&self.ln_1.forward(x)?)?;
