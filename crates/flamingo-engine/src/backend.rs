@@ -29,6 +29,13 @@ pub trait Backend: Send + 'static {
     /// One ragged step: new tokens for each sequence -> last-position logits of each (one row
     /// per input).
     fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError>;
+    /// [`Backend::forward`] where the rows marked in `argmax` may come back as their argmax
+    /// alone (a greedy pick made where the logits are, so a device does not copy a
+    /// vocabulary-wide row to the host for it). The default returns every row in full.
+    fn forward_rows(&self, states: &mut [&mut Self::State], inputs: &[Input], argmax: &[bool]) -> Result<Vec<Row>, BackendError> {
+        let _ = argmax;
+        Ok(self.forward(states, inputs)?.into_iter().map(Row::Logits).collect())
+    }
     /// A deep copy of a state (beams forking from one parent).
     fn fork(&self, state: &Self::State) -> Result<Self::State, BackendError>;
     /// Bytes a sequence's state holds or refers to now (shared parts count in full).
@@ -43,6 +50,17 @@ pub trait Backend: Send + 'static {
     /// Restores cached prefix blocks into a fresh state whose media are attached.
     /// `capacity`: positions the sequence is expected to reach (room can be made at once).
     fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), BackendError>;
+}
+
+/// One input's result of a forward.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// The last position's logits over the vocabulary.
+    Logits(Vec<f32>),
+    /// Only the index of the largest logit, found by the device's own argmax (exact ties,
+    /// which real logits practically never have, may resolve to another of the tied indices
+    /// than the host's first-maximum pick).
+    Argmax(u32),
 }
 
 /// A failure that is the server's problem whatever the model calls it: only encoding a request's
@@ -91,6 +109,32 @@ impl Backend for Flamingo {
     fn forward(&self, states: &mut [&mut SequenceState], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError> {
         let logits = Flamingo::forward(self, states, inputs, Logits::Last).map_err(internal)?;
         Ok(logits.to_vec2::<f32>()?)
+    }
+
+    fn forward_rows(&self, states: &mut [&mut SequenceState], inputs: &[Input], argmax: &[bool]) -> Result<Vec<Row>, BackendError> {
+        let logits = Flamingo::forward(self, states, inputs, Logits::Last).map_err(internal)?;
+        // The batched device path (paged K/V; on the CPU device too when it is chosen there)
+        // sends a greedy row as 4 bytes instead of the vocabulary's; the CPU's own path has
+        // the rows in host memory already.
+        if self.kv_pool().is_none() || !argmax.iter().any(|&a| a) {
+            return Ok(logits.to_vec2::<f32>()?.into_iter().map(Row::Logits).collect());
+        }
+        let ids = logits.argmax(1)?.to_vec1::<u32>()?;
+        let full: Vec<u32> = (0..argmax.len() as u32).filter(|&i| !argmax.get(i as usize).copied().unwrap_or(false)).collect();
+        let mut rows = if full.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            logits.index_select(&flamingo_model::candle::Tensor::new(full.as_slice(), logits.device())?, 0)?.to_vec2::<f32>()?.into_iter()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for (i, id) in ids.into_iter().enumerate() {
+            if argmax.get(i).copied().unwrap_or(false) {
+                out.push(Row::Argmax(id));
+            } else {
+                out.push(Row::Logits(rows.next().ok_or_else(|| internal("logit rows missing"))?));
+            }
+        }
+        Ok(out)
     }
 
     fn fork(&self, state: &SequenceState) -> Result<SequenceState, BackendError> {

@@ -29,7 +29,7 @@ mod request;
 mod scheduler;
 mod sequence;
 
-pub use backend::Backend;
+pub use backend::{Backend, Row};
 pub use cache::LruBytes;
 pub use engine::{on_compute_pool, Engine, EngineConfig, EngineStats, EventStream};
 pub use error::{BackendError, EngineError, RequestError};

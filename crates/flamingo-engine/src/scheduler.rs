@@ -21,7 +21,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Row};
 use crate::cache::LruBytes;
 use crate::error::EngineError;
 use crate::metrics as m;
@@ -297,9 +297,12 @@ impl<B: Backend> Scheduler<B> {
     }
 
     /// Phase 4: one ragged forward of the planned work. Returns each sequence's rows of logits.
-    fn forward(&mut self, work: &[Work], report: &mut StepReport) -> Result<Vec<Vec<Vec<f32>>>, EngineError> {
+    fn forward(&mut self, work: &[Work], report: &mut StepReport) -> Result<Vec<Vec<Row>>, EngineError> {
         let mut states = Vec::new();
         let mut inputs = Vec::new();
+        // Rows that need no more than their argmax: greedy picks, and prefill chunks that leave
+        // part of the prompt for later (their logits are not used).
+        let mut argmax = Vec::new();
         for (s, &w) in self.running.iter_mut().zip(work) {
             match w {
                 Work::Idle => continue,
@@ -307,10 +310,13 @@ impl<B: Backend> Scheduler<B> {
                 Work::Decode(n) => report.decode_tokens += n,
             }
             report.batch.push((s.id, w.tokens()));
+            let only_argmax = s.picks_argmax() || matches!(w, Work::Prefill(n) if n < s.prompt_left());
+            let before = inputs.len();
             s.inputs(w, &mut states, &mut inputs);
+            argmax.resize(argmax.len() + inputs.len() - before, only_argmax);
         }
         report.sequences = states.len();
-        let result = self.backend.forward(&mut states, &inputs);
+        let result = self.backend.forward_rows(&mut states, &inputs, &argmax);
         let expected = inputs.len();
         drop(states);
         drop(inputs);
@@ -363,7 +369,7 @@ impl<B: Backend> Scheduler<B> {
 
     /// Phase 6: sequences with new logits take their token (in parallel), beam searches
     /// advance; events are sent in sequence order. One outcome per running sequence.
-    fn pick(&mut self, work: &[Work], rows: Vec<Vec<Vec<f32>>>) -> Vec<Outcome> {
+    fn pick(&mut self, work: &[Work], mut rows: Vec<Vec<Row>>) -> Vec<Outcome> {
         let decoding: Vec<bool> = work.iter().map(|w| matches!(w, Work::Decode(_))).collect();
         // A prefill chunk's sequence has moved on (`donate`): it yields a token iff its prompt is
         // now complete.
@@ -380,7 +386,7 @@ impl<B: Backend> Scheduler<B> {
             .par_iter_mut()
             .zip(rows.par_iter().zip(takes.par_iter()))
             .map(|(s, (r, &take))| match r.first() {
-                Some(row) if take && !s.is_beam_search() => Some(s.pick(row)),
+                Some(row) if take && !s.is_beam_search() => Some(s.pick_row(row)),
                 _ => None,
             })
             .collect();
@@ -391,7 +397,17 @@ impl<B: Backend> Scheduler<B> {
                 continue;
             }
             outcomes[i] = if s.is_beam_search() {
-                s.beam_step(&self.backend, &rows[i], decoding[i])
+                let full: Option<Vec<Vec<f32>>> = std::mem::take(&mut rows[i])
+                    .into_iter()
+                    .map(|r| match r {
+                        Row::Logits(l) => Some(l),
+                        Row::Argmax(_) => None,
+                    })
+                    .collect();
+                match full {
+                    Some(full) => s.beam_step(&self.backend, &full, decoding[i]),
+                    None => s.fail(EngineError::Internal("a beam search got an argmax instead of logits".into())),
+                }
             } else {
                 match picked {
                     Some(ev) => s.emit(ev, now),

@@ -167,6 +167,24 @@ impl<S> Sequence<S> {
         }
     }
 
+    /// Whether the next token is the plain argmax of the logits (greedy, no repetition penalty,
+    /// no log-probabilities), which a device can find without sending the row to the host.
+    pub fn picks_argmax(&self) -> bool {
+        let r = &self.req.sampling;
+        self.beams.is_none()
+            && matches!(r.strategy, flamingo_model::sampling::Strategy::Greedy)
+            && r.repetition_penalty == 1.0
+            && r.logprobs.is_none()
+    }
+
+    /// [`Self::pick`] from a forward's row, which may be the argmax alone.
+    pub fn pick_row(&mut self, row: &crate::backend::Row) -> TokenEvent {
+        match row {
+            crate::backend::Row::Logits(l) => self.pick(l),
+            crate::backend::Row::Argmax(id) => TokenEvent { id: *id, logprob: None, top_logprobs: Vec::new() },
+        }
+    }
+
     /// Chooses the next token from a row of logits (sampling or greedy, with the repetition
     /// penalty over prompt and generated ids), with its log-probability and the top
     /// log-probabilities when the request asks for them.

@@ -63,8 +63,27 @@ fn greedy() -> SamplingParams {
     SamplingParams { strategy: Strategy::Greedy, repetition_penalty: 1.0, logprobs: None }
 }
 
+/// The model with its K/V in the paged pool of the batched device path (on the CPU device).
+fn paged_model(case: &str) -> flamingo_model::Flamingo {
+    let mut m = load(case).0.model;
+    m.set_paged_kv(true);
+    m
+}
+
 #[test]
 fn engine_greedy_matches_reference_alone_and_in_a_batch_of_32() {
+    greedy_alone_and_in_a_batch_of_32(false);
+}
+
+/// The same with paged K/V: greedy rows come back from the forward as their argmax alone,
+/// sampled and penalised ones in full, in one batch.
+#[test]
+fn paged_engine_greedy_matches_reference_alone_and_in_a_batch_of_32() {
+    greedy_alone_and_in_a_batch_of_32(true);
+}
+
+fn greedy_alone_and_in_a_batch_of_32(paged: bool) {
+    let model = |case: &str| if paged { paged_model(case) } else { load(case).0.model };
     for case in ["mpt_x1", "gptneox_x2", "llama_x1"] {
         let (l, exp) = load(case);
         let tok = &l.tokenizer;
@@ -81,14 +100,14 @@ fn engine_greedy_matches_reference_alone_and_in_a_batch_of_32() {
         let cfg = EngineConfig { max_running: 32, max_batched_tokens: 256, ..Default::default() };
 
         // Alone.
-        let engine = Engine::start(load(case).0.model, cfg.clone());
+        let engine = Engine::start(model(case), cfg.clone());
         let (alone, fin) = collect(engine.submit(build(&l, &target, stop.clone())).unwrap());
         assert_eq!(alone, want, "{case}: engine greedy vs reference");
         assert!(matches!(fin, Event::Finished { .. }));
         drop(engine);
 
         // In a batch of 32 mixed requests: other images, lengths, sampling settings.
-        let engine = Engine::start(load(case).0.model, cfg.clone());
+        let engine = Engine::start(model(case), cfg.clone());
         let others = ["small.png", "rgba.png", "palette.png", "coffee.jpg", "camera.png"];
         let mut streams = Vec::new();
         let mut target_index = 0;
@@ -215,6 +234,38 @@ fn engine_beam_search_matches_reference() {
                 assert!(matches!(fin, Event::Finished { .. }));
             }
             assert_eq!(collect(greedy_stream).0, ids(&p["greedy"]["ids"]), "{case} prompt {pi} greedy next to beams");
+        }
+    }
+}
+
+/// A paged model's forward returns the rows marked for argmax as their argmax (equal to the
+/// host's pick from the full row) and the others in full, in input order.
+#[test]
+fn paged_forward_rows_send_greedy_rows_as_their_argmax() {
+    use flamingo_engine::Row;
+    use flamingo_model::Input;
+    let (_, exp) = load("llama_x1");
+    let m = paged_model("llama_x1");
+    let prompt = ids(&exp["prompts"][1]["input_ids"]);
+    let run = |argmax: &[bool]| {
+        let mut states: Vec<_> = (0..3).map(|_| m.new_state()).collect();
+        for st in states.iter_mut() {
+            let media: Vec<_> = ["chelsea.png", "coffee.png", "camera.png"].iter().map(|n| m.encode(&media(n), 0).unwrap()).collect();
+            m.attach(st, &media.iter().collect::<Vec<_>>()).unwrap();
+        }
+        let mut refs: Vec<_> = states.iter_mut().collect();
+        let inputs = [Input::Prompt(&prompt), Input::Prompt(&prompt[..5]), Input::Prompt(&prompt[..9])];
+        m.forward_rows(&mut refs, &inputs, argmax).unwrap()
+    };
+    let full = run(&[false, false, false]);
+    let mixed = run(&[true, false, true]);
+    for (i, (f, g)) in full.iter().zip(&mixed).enumerate() {
+        let Row::Logits(row) = f else { panic!("row {i}: asked for logits") };
+        let want = flamingo_model::sampling::argmax(row);
+        match (i, g) {
+            (1, Row::Logits(r)) => assert_eq!(r, row, "row 1 in full"),
+            (0 | 2, Row::Argmax(id)) => assert_eq!(*id, want, "row {i}: device argmax"),
+            _ => panic!("row {i}: {g:?}"),
         }
     }
 }

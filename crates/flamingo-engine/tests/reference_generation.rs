@@ -1,7 +1,8 @@
 //! Generation against the PyTorch reference, through the engine (the one decode loop, which
 //! `flamingo generate` and the server both run), on every tiny fixture model: greedy ids, beam
 //! search with 3 beams (length penalty 1 and 0), and greedy ids with blank images, from the
-//! reference's own pixels, each request alone. Stage-by-stage numerics (pixels, vision tokens,
+//! reference's own pixels, each request alone; with the CPU's per-sequence caches and with the
+//! paged pool of the batched device path. Stage-by-stage numerics (pixels, vision tokens,
 //! latents, logits) are tested in the model crate; see `tests/reference/make_fixtures.py`.
 
 use std::path::PathBuf;
@@ -47,7 +48,9 @@ fn media_of(pixels: &Tensor, tag: &str) -> Vec<PreparedMedia> {
         .collect()
 }
 
-fn check_case(case: &str) {
+/// `paged`: sequences keep their K/V in the model's paged pool (the batched device path, run
+/// here on the CPU device) instead of the CPU's per-sequence caches.
+fn check_case(case: &str, paged: bool) {
     let dir = model_dir(case);
     let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let tensors = flamingo_model::candle::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
@@ -55,7 +58,9 @@ fn check_case(case: &str) {
     // The reference's generate() stops only at <|endofchunk|>.
     let eoc = loaded.tokenizer.eoc_token_id();
     assert_eq!(loaded.model.spec().media_token_id, Some(loaded.tokenizer.media_token_id()));
-    let engine = Engine::start(loaded.model, EngineConfig::default());
+    let mut model = loaded.model;
+    model.set_paged_kv(paged);
+    let engine = Engine::start(model, EngineConfig::default());
     for p in exp["prompts"].as_array().unwrap() {
         let name = p["name"].as_str().unwrap();
         let what = |s: &str| format!("{case}/{name}: {s}");
@@ -89,9 +94,15 @@ fn check_case(case: &str) {
 
 macro_rules! cases {
     ($($name:ident),*) => {$(
-        #[test]
-        fn $name() {
-            check_case(stringify!($name));
+        mod $name {
+            #[test]
+            fn per_sequence_caches() {
+                super::check_case(stringify!($name), false);
+            }
+            #[test]
+            fn paged_pool() {
+                super::check_case(stringify!($name), true);
+            }
         }
     )*};
 }

@@ -113,7 +113,8 @@ impl Flamingo {
     /// off the CPU), or in caches of their own, attended by the CPU's fused loop (`false`, the
     /// default on the CPU). States made before the switch must not be mixed with later ones.
     pub fn set_paged_kv(&mut self, paged: bool) {
-        self.kv_pool = paged.then(|| Arc::new(KvPool::new(self.lm.num_layers(), self.lm.kv_heads(), self.lm.kv_width(), self.dtype, &self.device)));
+        self.kv_pool =
+            paged.then(|| Arc::new(KvPool::new(self.lm.num_layers(), self.lm.kv_heads(), self.lm.kv_width(), self.dtype, &self.device)));
     }
 
     /// The paged K/V pool, if sequences use one.

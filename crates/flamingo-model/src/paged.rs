@@ -234,7 +234,8 @@ impl PagedKv {
         let idx = write_index(&self.rows(start, start + t)?, self.pool.width, self.pool.device())?;
         for (l, (k, v)) in layers.iter().enumerate() {
             let (pk, pv) = self.pool.layer(l)?;
-            let rows = |x: &Tensor| -> Result<Tensor> { x.transpose(0, 1)?.contiguous()?.reshape((t, self.pool.width))?.to_dtype(pk.dtype()) };
+            let rows =
+                |x: &Tensor| -> Result<Tensor> { x.transpose(0, 1)?.contiguous()?.reshape((t, self.pool.width))?.to_dtype(pk.dtype()) };
             pk.scatter_set(&idx, &rows(k)?, 0)?;
             pv.scatter_set(&idx, &rows(v)?, 0)?;
         }
@@ -297,7 +298,14 @@ pub(crate) struct DecodeStep {
 impl PagedStep {
     /// `tables[i]`, `lens[i]`, `pasts[i]`: sequence `i`'s blocks (reserved for `past + len`),
     /// new tokens and cached tokens; `alibi`: per-head slopes, when the model uses ALiBi.
-    pub fn new(tables: &[&PagedKv], lens: &[usize], pasts: &[usize], width: usize, alibi: Option<&Tensor>, device: &Device) -> Result<Self> {
+    pub fn new(
+        tables: &[&PagedKv],
+        lens: &[usize],
+        pasts: &[usize],
+        width: usize,
+        alibi: Option<&Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         let mut write_rows = Vec::with_capacity(lens.iter().sum());
         let mut prefill = Vec::new();
         let (mut dec_rows, mut dec_lens, mut dec_tables) = (Vec::new(), Vec::new(), Vec::new());
@@ -342,7 +350,13 @@ impl PagedStep {
                 }
                 None => pad.where_cond(&ninf, &Tensor::zeros((b, s), DType::F32, device)?)?.reshape((b, 1, 1, s))?,
             };
-            Some(DecodeStep { rows: Tensor::new(dec_rows.as_slice(), device)?, gather: Tensor::new(gather.as_slice(), device)?, bias, b, s })
+            Some(DecodeStep {
+                rows: Tensor::new(dec_rows.as_slice(), device)?,
+                gather: Tensor::new(gather.as_slice(), device)?,
+                bias,
+                b,
+                s,
+            })
         };
         let order = match &decode {
             Some(d) if !prefill.is_empty() => {
@@ -365,7 +379,15 @@ impl PagedStep {
 /// Batched decode attention: `q` `[b, heads * d]` of `b` single-token rows over their
 /// sequences' gathered keys/values `[b * s, kv_heads * d]`, with `bias` `[b, 1 | heads, 1, s]`.
 /// Scores in f32 as [`crate::nn::attention`] computes them. Returns `[b, heads * d]`.
-pub(crate) fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, step: &DecodeStep, heads: usize, kv_heads: usize, scale: f64) -> Result<Tensor> {
+pub(crate) fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    step: &DecodeStep,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, s) = (step.b, step.s);
     let dtype = q.dtype();
     let d = q.dim(1)? / heads;

@@ -116,8 +116,7 @@ fn check(case: &str) {
         assert_close(&format!("{case}/{p}: paged logits"), &l, &c.logits[p], REL);
         let mut st = paged.new_state();
         paged.attach_media(&mut st, &c.latents[p]).unwrap();
-        let rows: Vec<Tensor> =
-            ids.chunks(3).map(|ch| paged.forward(&mut [&mut st], &[Input::Prompt(ch)], Logits::All).unwrap()).collect();
+        let rows: Vec<Tensor> = ids.chunks(3).map(|ch| paged.forward(&mut [&mut st], &[Input::Prompt(ch)], Logits::All).unwrap()).collect();
         assert_close(&format!("{case}/{p}: paged chunked logits"), &Tensor::cat(&rows, 0).unwrap(), &c.logits[p], REL);
     }
 
