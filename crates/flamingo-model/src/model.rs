@@ -281,7 +281,7 @@ impl Flamingo {
         for i in 0..self.lm.num_layers() {
             if let Some(block) = &self.xattn[i] {
                 let seqs: Vec<_> = batch.seqs.iter().zip(&media).map(|(st, m)| (&st.xattn[i], m.as_slice())).collect();
-                x = block.forward(&x, &seqs)?;
+                x = block.forward(&x, &seqs, self.kv_pool.is_some())?;
             }
             x = self.lm.layer(i).forward(&x, &mut batch)?;
         }

@@ -15,7 +15,9 @@
 //! Reference: open_flamingo 2.0.1 `src/helpers.py` (`MaskedCrossAttention`,
 //! `GatedCrossAttentionBlock`), `src/flamingo_lm.py` (`FlamingoLMMixin.forward`).
 
-use candle_core::{DType, Module, Result, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{DType, Module, Result, Tensor, TensorId};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -42,6 +44,17 @@ pub struct GatedCrossAttentionBlock {
     ff_gate: Tensor,
     heads: usize,
     dim_head: usize,
+    /// The batched path's stacked K/V of the last decode batch (see [`Self::attend_batched`]).
+    stacked: Mutex<Option<Stacked>>,
+}
+
+/// The K/V of the images a batch's decode rows attend to, stacked one per row `[b, heads, n, d]`,
+/// with the (piece, image) each row came from: while the decode batch keeps its sequences (most
+/// steps), the next step reuses them instead of copying every row's image again.
+struct Stacked {
+    key: Vec<(TensorId, usize)>,
+    k: Tensor,
+    v: Tensor,
 }
 
 /// The media index (0-based) each row attends to, or `None` before the first image.
@@ -62,6 +75,7 @@ impl GatedCrossAttentionBlock {
             ff_gate: vb.get(1, "ff_gate")?.tanh()?,
             heads: cfg.heads,
             dim_head: cfg.dim_head,
+            stacked: Mutex::new(None),
         })
     }
 
@@ -78,10 +92,17 @@ impl GatedCrossAttentionBlock {
     }
 
     /// `x`: `[rows, d]`, stacked sequences; `seqs[i] = (media kv, media index of each of its rows)`.
-    pub fn forward(&self, x: &Tensor, seqs: &[(&XattnImages, &[MediaIndex])]) -> Result<Tensor> {
+    /// `batched`: attend the decode rows together ([`Self::attend_batched`], the device path)
+    /// rather than in the CPU's fused loop.
+    pub fn forward(&self, x: &Tensor, seqs: &[(&XattnImages, &[MediaIndex])], batched: bool) -> Result<Tensor> {
         let q = self.to_q.forward(&self.norm.forward(x)?)?;
-        let a =
-            if q.device().is_cpu() && q.dtype() == DType::F32 { self.attend_cpu(&q.contiguous()?, seqs)? } else { self.attend(&q, seqs)? };
+        let a = if batched {
+            self.attend_batched(&q, seqs)?
+        } else if q.device().is_cpu() && q.dtype() == DType::F32 {
+            self.attend_cpu(&q.contiguous()?, seqs)?
+        } else {
+            self.attend(&q, seqs)?
+        };
         let a = self.to_out.forward(&a)?;
         let x = (a.broadcast_mul(&self.attn_gate)? + x)?;
         self.ff.forward(&x)?.broadcast_mul(&self.ff_gate)? + x
@@ -121,6 +142,87 @@ impl GatedCrossAttentionBlock {
             });
         }
         Tensor::cat(&parts, 0)
+    }
+
+    /// [`Self::attend`] with every single-row run (a decode row) in one batched attention over
+    /// the rows' images stacked `[b, heads, n, d]` (kept while the decode batch is unchanged, see
+    /// [`Stacked`]); longer runs (prefill) one at a time as in [`Self::attend`]. A constant
+    /// number of device operations per layer for the decode rows, whatever their number.
+    fn attend_batched(&self, q: &Tensor, seqs: &[(&XattnImages, &[MediaIndex])]) -> Result<Tensor> {
+        let (rows, inner) = q.dims2()?;
+        let mut single = Vec::new();
+        let mut key = Vec::new();
+        let mut rest = Vec::new();
+        for (row, len, m, s) in Self::runs(seqs) {
+            match m {
+                Some(img) if len == 1 => {
+                    let (kv, i) = Self::image(seqs[s].0, img)?;
+                    single.push(row as u32);
+                    key.push((kv.k.id(), i));
+                    rest.push(None);
+                }
+                _ => rest.push(Some((row, len, m, s))),
+            }
+        }
+        if single.len() < 2 {
+            return self.attend(q, seqs);
+        }
+        let (k, v) = self.stacked_kv(seqs, &key)?;
+        let b = single.len();
+        let all_rows = b == rows;
+        let qd = if all_rows { q.clone() } else { q.contiguous()?.index_select(&Tensor::new(single.as_slice(), q.device())?, 0)? };
+        let dtype = q.dtype();
+        let scale = 1.0 / (self.dim_head as f64).sqrt();
+        let qd = qd.reshape((b, self.heads, 1, self.dim_head))?.to_dtype(DType::F32)?;
+        let scores = (qd.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = p.matmul(&v.to_dtype(DType::F32)?)?.reshape((b, inner))?.to_dtype(dtype)?;
+        if all_rows {
+            return Ok(out);
+        }
+        // cat(decode rows, other runs in order), then each stacked row picks its place.
+        let mut parts = vec![out];
+        let mut src: Vec<u32> = single;
+        for (row, len, m, s) in rest.into_iter().flatten() {
+            parts.push(match m {
+                Some(img) => {
+                    let (kv, img) = Self::image(seqs[s].0, img)?;
+                    self.attend_run(q, row, len, kv, img)?
+                }
+                None => Tensor::zeros((len, inner), dtype, q.device())?,
+            });
+            src.extend(row as u32..(row + len) as u32);
+        }
+        let mut inv = vec![0u32; rows];
+        for (r, &s) in src.iter().enumerate() {
+            if let Some(slot) = inv.get_mut(s as usize) {
+                *slot = r as u32;
+            }
+        }
+        Tensor::cat(&parts, 0)?.index_select(&Tensor::new(inv.as_slice(), q.device())?, 0)
+    }
+
+    /// The decode rows' images' K/V stacked per row, reusing the last step's when the rows
+    /// attend to the same images as then.
+    fn stacked_kv(&self, seqs: &[(&XattnImages, &[MediaIndex])], key: &[(TensorId, usize)]) -> Result<(Tensor, Tensor)> {
+        let mut cached = self.stacked.lock().map_err(|_| candle_core::Error::Msg("cross-attention cache lock poisoned".into()))?;
+        if let Some(st) = cached.as_ref() {
+            if st.key == key {
+                return Ok((st.k.clone(), st.v.clone()));
+            }
+        }
+        let mut ks = Vec::with_capacity(key.len());
+        let mut vs = Vec::with_capacity(key.len());
+        for (_, len, m, s) in Self::runs(seqs) {
+            if let (Some(img), 1) = (m, len) {
+                let (kv, i) = Self::image(seqs[s].0, img)?;
+                ks.push(kv.k.get(i)?);
+                vs.push(kv.v.get(i)?);
+            }
+        }
+        let (k, v) = (Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?);
+        *cached = Some(Stacked { key: key.to_vec(), k: k.clone(), v: v.clone() });
+        Ok((k, v))
     }
 
     /// The K/V piece holding a sequence's image `img`, and the image's index in it.
@@ -225,6 +327,26 @@ mod tests {
         for (r, (f, p)) in fused.iter().zip(&plain).enumerate() {
             for (x, y) in f.iter().zip(p) {
                 assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "row {r}: {x} vs {y}");
+            }
+        }
+        // The batched path: decode rows (single-row runs) of several sequences together, mixed
+        // with longer runs and with text before any image, and a pure decode batch; twice, the
+        // second time from the stacked K/V it kept.
+        let d1: Vec<MediaIndex> = vec![Some(0)];
+        let d2: Vec<MediaIndex> = vec![Some(1)];
+        let mixed: Vec<(&XattnImages, &[MediaIndex])> = vec![(&one, &a), (&one, &b), (&two, &d1), (&one, &c), (&two, &d2)];
+        let decode: Vec<(&XattnImages, &[MediaIndex])> = vec![(&one, &b), (&two, &d1), (&one, &d2), (&two, &b)];
+        for seqs in [&mixed, &decode] {
+            let n: usize = seqs.iter().map(|(_, m)| m.len()).sum();
+            let qs = Tensor::randn(0f32, 1.0, (n, 64), &dev).unwrap();
+            let want = block.attend_cpu(&qs, seqs).unwrap().to_vec2::<f32>().unwrap();
+            for _ in 0..2 {
+                let got = block.attend_batched(&qs, seqs).unwrap().to_vec2::<f32>().unwrap();
+                for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                    for (x, y) in g.iter().zip(w) {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "batched row {r}: {x} vs {y}");
+                    }
+                }
             }
         }
         // Text before the first image attends to nothing.
