@@ -36,7 +36,17 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "f32" | "float32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f16" | "float16" => Ok(DType::F16),
-        _ => Err(Error::Invalid(format!("unknown dtype `{name}` (use f32, bf16 or f16)"))),
+        _ => Err(Error::Invalid(format!("unknown dtype `{name}` (use auto, f32, bf16 or f16)"))),
+    }
+}
+
+/// [`parse_dtype`], plus `auto`: bf16 on CUDA (half the bytes per decode step of f32, and the
+/// dtype the released checkpoints were trained in), f32 on the CPU (exact against the reference
+/// and the fastest there).
+pub fn dtype_for(name: &str, device: &Device) -> Result<DType> {
+    match name {
+        "auto" => Ok(if device.is_cuda() { DType::BF16 } else { DType::F32 }),
+        _ => parse_dtype(name),
     }
 }
 

@@ -31,6 +31,23 @@ pub struct RandomSpec {
 }
 
 impl RandomSpec {
+    /// OpenFlamingo-3B's shapes (open_clip ViT-L/14, the 24-layer 2048-wide MosaicGPT of
+    /// mpt-1b-redpajama-200b, a gated block before every layer, a 6-deep Perceiver).
+    pub fn openflamingo_3b() -> Self {
+        Self {
+            vision_width: 1024,
+            vision_layers: 24,
+            image_size: 224,
+            patch_size: 14,
+            d_model: 2048,
+            n_heads: 16,
+            n_layers: 24,
+            vocab: 50280,
+            cross_attn_every_n_layers: 1,
+            perceiver_depth: 6,
+        }
+    }
+
     /// About 0.4 B parameters: a ViT-B/14-sized tower, a 12-layer 1024-wide MPT, cross-attention
     /// every 2 layers, the gpt-neox vocabulary size.
     pub fn mid() -> Self {

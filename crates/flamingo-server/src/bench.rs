@@ -16,9 +16,24 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Model size: `mid` (~0.4 B parameters) or `tiny` (for a quick smoke run).
+    /// Model size: `mid` (~0.4 B parameters), `of3b` (OpenFlamingo-3B's shapes: ViT-L/14, a
+    /// 24-layer 2048-wide MPT, cross-attention every layer; ~3 B parameters) or `tiny` (for a
+    /// quick smoke run).
     #[arg(long, default_value = "mid")]
     size: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Where sequences keep their self-attention K/V: `auto` (paged on a GPU, per-sequence
+    /// caches on the CPU), `paged` or `own`.
+    #[arg(long, default_value = "auto")]
+    kv: String,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
     /// Concurrent sequences for the decode-throughput table.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
     concurrency: Vec<usize>,
@@ -179,37 +194,73 @@ fn run_here(a: BenchArgs) -> Result<()> {
             cross_attn_every_n_layers: 2,
             perceiver_depth: 2,
         },
-        other => bail!("unknown --size {other} (mid or tiny)"),
+        "of3b" => RandomSpec::openflamingo_3b(),
+        other => bail!("unknown --size {other} (mid, of3b or tiny)"),
     };
+    let device = flamingo_model::device::parse_device(&a.device)?;
+    let dtype = flamingo_model::device::dtype_for(&a.dtype, &device)?;
+    flamingo_model::device::check_supported(&device, dtype)?;
     let t = Instant::now();
-    let model = Arc::new(build(&spec, &Device::Cpu, DType::F32)?);
+    let mut model = build(&spec, &device, dtype)?;
+    match a.kv.as_str() {
+        "auto" => {}
+        "paged" => model.set_paged_kv(true),
+        "own" => model.set_paged_kv(false),
+        other => bail!("unknown --kv {other} (auto, paged or own)"),
+    }
+    let kv = if model.kv_pool().is_some() { "paged" } else { "own" };
+    let model = Arc::new(model);
     let params = Flamingo::describe_size(&spec);
+    let weight_bytes = decode_weight_bytes(&spec, dtype);
     println!(
-        "model: random OpenFlamingo-style, about {:.0} M parameters by shape (ViT {}x{}, MPT {}x{}, xattn every {}), f32, CPU, built in {:.1} s",
+        "model: random OpenFlamingo-style, about {:.0} M parameters by shape (ViT {}x{}, MPT {}x{}, xattn every {}), {dtype:?}, {}, K/V {kv}, built in {:.1} s",
         params as f64 / 1e6,
         spec.vision_layers,
         spec.vision_width,
         spec.n_layers,
         spec.d_model,
         spec.cross_attn_every_n_layers,
+        a.device,
         t.elapsed().as_secs_f64()
     );
+    println!("weights read per decode step (LM, gated blocks, head): {:.2} GB", weight_bytes as f64 / 1e9);
     let cfg = model.config().clone();
     let b = Bench { model, media: cfg.media_token_id, eoc: cfg.eoc_token_id, vocab: cfg.vocab_rows as u32, top_p: a.top_p };
 
+    let mut report = serde_json::json!({
+        "size": a.size, "device": a.device, "dtype": format!("{dtype:?}").to_lowercase(), "kv": kv,
+        "parameters": params, "decode_weight_bytes": weight_bytes,
+    });
     if a.sections.contains(&Section::Decode) {
-        decode_table(&b, &a)?;
+        report["decode"] = decode_table(&b, &a, weight_bytes)?;
     }
     if a.sections.contains(&Section::Prefix) {
-        prefix_table(&b, &a)?;
+        report["prefix"] = prefix_table(&b, &a)?;
     }
     if a.sections.contains(&Section::Vision) {
-        vision_table(&b, &a)?;
+        report["vision"] = vision_table(&b, &a)?;
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        println!("\nwrote {}", path.display());
     }
     Ok(())
 }
 
-fn decode_table(b: &Bench, a: &BenchArgs) -> Result<()> {
+/// Bytes of the weights one decode step reads whatever the batch: every LM layer, the gated
+/// blocks' query/output projections and feed-forwards (their K/V projections run once per
+/// image, not per step) and the output head. The batch-1 roofline is this over the device's
+/// memory bandwidth.
+fn decode_weight_bytes(spec: &RandomSpec, dtype: DType) -> usize {
+    let d = spec.d_model;
+    let inner = 8 * 64;
+    let lm = spec.n_layers * 12 * d * d;
+    let gated = spec.n_layers / spec.cross_attn_every_n_layers.max(1);
+    let xattn = gated * (2 * d * inner + 8 * d * d);
+    (lm + xattn + spec.vocab * d) * dtype.size_in_bytes()
+}
+
+fn decode_table(b: &Bench, a: &BenchArgs, weight_bytes: usize) -> Result<serde_json::Value> {
     // Rounds interleave the concurrency levels, so a slow phase of a shared machine affects
     // every level alike; each level reports its median round.
     let rounds = a.repeats.max(1);
@@ -224,20 +275,25 @@ fn decode_table(b: &Bench, a: &BenchArgs) -> Result<()> {
         None => "greedy".to_string(),
     };
     println!("\n## Aggregate decode throughput ({} steps, {mode}, median of {rounds} interleaved rounds)\n", a.decode_steps);
-    println!("| sequences | tokens/s | vs first | rounds (tokens/s) |");
-    println!("|---|---|---|---|");
+    println!("| sequences | tokens/s | vs first | step time | weight reads | rounds (tokens/s) |");
+    println!("|---|---|---|---|---|---|");
     let mut base = None;
+    let mut rows = Vec::new();
     for (&n, mut r) in a.concurrency.iter().zip(runs) {
         let all = r.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(", ");
         r.sort_by(f64::total_cmp);
         let tps = r[r.len() / 2];
         let b1 = *base.get_or_insert(tps);
-        println!("| {n} | {tps:.1} | {:.2}x | {all} |", tps / b1);
+        let step = n as f64 / tps;
+        // The weights' bytes over the step time: the bandwidth a memory-bound step would need.
+        let gbps = weight_bytes as f64 / step / 1e9;
+        println!("| {n} | {tps:.1} | {:.2}x | {:.2} ms | {gbps:.0} GB/s | {all} |", tps / b1, step * 1e3);
+        rows.push(serde_json::json!({"sequences": n, "tokens_per_s": tps, "vs_first": tps / b1, "step_ms": step * 1e3, "weight_gb_per_s": gbps, "rounds": r}));
     }
-    Ok(())
+    Ok(serde_json::Value::Array(rows))
 }
 
-fn prefix_table(b: &Bench, a: &BenchArgs) -> Result<()> {
+fn prefix_table(b: &Bench, a: &BenchArgs) -> Result<serde_json::Value> {
     let size = b.model.config().vision.image_size;
 
     // Time to first token, 4-shot prompt, all images already in the vision cache.
@@ -271,10 +327,13 @@ fn prefix_table(b: &Bench, a: &BenchArgs) -> Result<()> {
     println!("|---|---|---|");
     println!("| miss (cache off) | {:.0} ms | |", c.as_secs_f64() * 1e3);
     println!("| hit ({cached_tokens} tokens reused) | {:.0} ms | {:.1}x lower |", w.as_secs_f64() * 1e3, c.as_secs_f64() / w.as_secs_f64());
-    Ok(())
+    Ok(serde_json::json!({
+        "prompt_tokens": prompt.len(), "miss_ms": c.as_secs_f64() * 1e3, "hit_ms": w.as_secs_f64() * 1e3,
+        "cached_tokens": cached_tokens, "hit_speedup": c.as_secs_f64() / w.as_secs_f64(),
+    }))
 }
 
-fn vision_table(b: &Bench, a: &BenchArgs) -> Result<()> {
+fn vision_table(b: &Bench, a: &BenchArgs) -> Result<serde_json::Value> {
     let size = b.model.config().vision.image_size;
 
     // Repeated image: vision cache on and off, 1-image prompt.
@@ -297,5 +356,5 @@ fn vision_table(b: &Bench, a: &BenchArgs) -> Result<()> {
     println!("|---|---|---|");
     println!("| miss (cache off) | {:.0} ms | |", m.as_secs_f64() * 1e3);
     println!("| hit | {:.0} ms | {:.1}x lower |", h.as_secs_f64() * 1e3, m.as_secs_f64() / h.as_secs_f64());
-    Ok(())
+    Ok(serde_json::json!({"miss_ms": m.as_secs_f64() * 1e3, "hit_ms": h.as_secs_f64() * 1e3, "hit_speedup": m.as_secs_f64() / h.as_secs_f64()}))
 }

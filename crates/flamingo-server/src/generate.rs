@@ -52,8 +52,8 @@ pub struct GenerateArgs {
     /// Print one JSON object {"text": ..., "token_ids": [...]} (generated tokens only).
     #[arg(long)]
     json: bool,
-    /// f32 (default), bf16 or f16.
-    #[arg(long, default_value = "f32")]
+    /// auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
     dtype: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
@@ -104,7 +104,8 @@ impl loader::LoadProgress for Spinner {
 
 fn load(a: &GenerateArgs) -> Result<flamingo_model::Loaded> {
     let dev = device::parse_device(&a.device)?;
-    let dtype = device::parse_dtype(&a.dtype)?;
+    let dtype = device::dtype_for(&a.dtype, &dev)?;
+    device::check_supported(&dev, dtype)?;
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_style(
         indicatif::ProgressStyle::with_template("{spinner} loading {prefix}: {msg} [{elapsed}]")

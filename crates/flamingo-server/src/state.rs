@@ -82,7 +82,7 @@ impl Runtime {
     pub fn load(dir: &std::path::Path, cfg: &Config, progress: &dyn flamingo_model::loader::LoadProgress) -> anyhow::Result<Self> {
         use anyhow::Context;
         let device = flamingo_model::device::parse_device(&cfg.model.device)?;
-        let dtype = flamingo_model::device::parse_dtype(&cfg.model.dtype)?;
+        let dtype = flamingo_model::device::dtype_for(&cfg.model.dtype, &device)?;
         flamingo_model::device::check_supported(&device, dtype)?;
         let loaded = flamingo_model::load(dir, &device, dtype, progress).with_context(|| format!("loading model {}", dir.display()))?;
         let l = &cfg.limits;
