@@ -356,5 +356,7 @@ fn vision_table(b: &Bench, a: &BenchArgs) -> Result<serde_json::Value> {
     println!("|---|---|---|");
     println!("| miss (cache off) | {:.0} ms | |", m.as_secs_f64() * 1e3);
     println!("| hit | {:.0} ms | {:.1}x lower |", h.as_secs_f64() * 1e3, m.as_secs_f64() / h.as_secs_f64());
-    Ok(serde_json::json!({"miss_ms": m.as_secs_f64() * 1e3, "hit_ms": h.as_secs_f64() * 1e3, "hit_speedup": m.as_secs_f64() / h.as_secs_f64()}))
+    Ok(
+        serde_json::json!({"miss_ms": m.as_secs_f64() * 1e3, "hit_ms": h.as_secs_f64() * 1e3, "hit_speedup": m.as_secs_f64() / h.as_secs_f64()}),
+    )
 }

@@ -10,10 +10,13 @@
 //! - `flamingo shapes --out DIR`: examples of the shapes world the default model knows.
 //! - `flamingo eval [--model DIR] [--n N] [--seed S] [--json]`: the shapes world's held-out
 //!   evaluation set through the server's chat path, scored per row.
+//! - `flamingo parity --fixtures DIR [--device D] [--dtype T]`: the reference-parity fixtures'
+//!   ids and logits on any device.
 
 mod bench;
 mod eval;
 mod generate;
+mod parity;
 mod shapes;
 
 /// mimalloc keeps freed pages for reuse: with the system allocator, the large per-step
@@ -68,6 +71,9 @@ enum Command {
     /// Score a model on the shapes world's held-out evaluation set, through the server's chat
     /// path.
     Eval(eval::EvalArgs),
+    /// Check greedy and beam ids and logits against the PyTorch reference's fixtures on a
+    /// device and dtype (what the tests check on the CPU, for hosts without Rust, e.g. a GPU).
+    Parity(parity::ParityArgs),
 }
 
 #[derive(Args, Default)]
@@ -178,6 +184,7 @@ fn main() {
         Some(Command::Bench(a)) => bench::run(a),
         Some(Command::Shapes(a)) => shapes::run(a),
         Some(Command::Eval(a)) => eval::run(a),
+        Some(Command::Parity(a)) => parity::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

@@ -153,6 +153,30 @@ fn bench_runs_on_a_tiny_random_model() {
         assert!(text.contains(section), "{text}");
     }
     assert!(text.contains("| 4 |"), "{text}");
+    // The GPU check's form: paged K/V, figures as JSON.
+    let json = std::env::temp_dir().join(format!("flamingo-bench-{}.json", std::process::id()));
+    let out = flamingo(&[
+        "bench",
+        "--size",
+        "tiny",
+        "--repeats",
+        "1",
+        "--decode-steps",
+        "2",
+        "--concurrency",
+        "1,4",
+        "--kv",
+        "paged",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["kv"], "paged");
+    assert_eq!(r["decode"].as_array().unwrap().len(), 2);
+    assert!(r["decode"][1]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["prefix"]["hit_ms"].as_f64().unwrap() > 0.0 && r["decode_weight_bytes"].as_u64().unwrap() > 0);
+    std::fs::remove_file(&json).ok();
 }
 
 #[test]
@@ -237,5 +261,31 @@ fn generate_preprocesses_as_the_model_directory_says() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("flamingo.toml") && err.contains("[preprocess] resize") && err.contains("\"stretch\""), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `flamingo parity` (what the GPU check runs) on the CPU, with both K/V layouts: every id
+/// equals the reference's and the JSON says so; a dtype that drifts is reported, not hidden.
+#[test]
+fn parity_passes_on_the_cpu_with_both_kv_layouts() {
+    let dir = std::env::temp_dir().join(format!("flamingo-parity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for kv in ["own", "paged"] {
+        let json = dir.join(format!("{kv}.json"));
+        let out = flamingo(&["parity", "--fixtures", "tests/fixtures/models", "--kv", kv, "--exact", "--json", json.to_str().unwrap()]);
+        assert!(out.status.success(), "{kv}: {}", String::from_utf8_lossy(&out.stderr));
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(r["all_ids_equal"], true, "{kv}");
+        assert_eq!(r["cases"].as_array().unwrap().len(), 8, "{kv}: every fixture case");
+        let drift = r["max_logit_drift"].as_f64().unwrap();
+        assert!(drift < 1e-4, "{kv}: f32 logit drift {drift}");
+    }
+    let out =
+        flamingo(&["parity", "--fixtures", "tests/fixtures/models", "--dtype", "f16", "--json", dir.join("f16.json").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("f16.json")).unwrap()).unwrap();
+    assert!(r["max_logit_drift"].as_f64().unwrap() > 1e-4, "f16 drifts measurably");
+    let out = flamingo(&["parity", "--fixtures", "tests/fixtures"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no fixture cases"));
     std::fs::remove_dir_all(&dir).ok();
 }
