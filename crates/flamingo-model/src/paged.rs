@@ -359,9 +359,9 @@ impl PagedStep {
             })
         };
         let order = match &decode {
-            Some(d) if !prefill.is_empty() => {
+            Some(_) if !prefill.is_empty() => {
                 // cat(decode, prefills...) row r holds stacked row `src[r]`; invert it.
-                let src: Vec<u32> = d.rows.to_vec1::<u32>()?.into_iter().chain(prefill_rows).collect();
+                let src: Vec<u32> = dec_rows.iter().copied().chain(prefill_rows).collect();
                 let mut inv = vec![0u32; src.len()];
                 for (r, &s) in src.iter().enumerate() {
                     if let Some(slot) = inv.get_mut(s as usize) {

@@ -89,7 +89,15 @@ impl Runtime {
         let limits = ImageLimits { max_pixels: l.max_image_pixels, max_side: l.max_image_side };
         let media = Arc::new(MediaSpec::of_model(&loaded.model, limits, l.max_video_frames));
         let stop_ids = loaded.tokenizer.stop_token_ids();
-        let engine = Engine::start(loaded.model, cfg.engine.to_engine_config());
+        let engine_cfg = cfg.engine.to_engine_config();
+        if let Some(pool) = loaded.model.kv_pool() {
+            // The engine admits at most its K/V budget: the paged pool gets it at start, so no
+            // step waits for the pool to grow (and an oversized budget fails here, not later).
+            let blocks = engine_cfg.kv_budget_bytes.div_ceil(pool.block_bytes().max(1));
+            pool.reserve(blocks)
+                .with_context(|| format!("allocating {} MiB of K/V on {}", engine_cfg.kv_budget_bytes >> 20, cfg.model.device))?;
+        }
+        let engine = Engine::start(loaded.model, engine_cfg);
         Ok(Self { engine, tokenizer: loaded.tokenizer, stop_ids, media })
     }
 }
