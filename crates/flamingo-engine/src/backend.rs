@@ -47,9 +47,10 @@ pub trait Backend: Send + 'static {
     fn block_head(&self, _block: &Self::Block, _rows: usize, _media: usize) -> Option<Self::Block> {
         None
     }
-    /// Restores cached prefix blocks into a fresh state whose media are attached.
-    /// `capacity`: positions the sequence is expected to reach (room can be made at once).
-    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), BackendError>;
+    /// Restores cached prefix blocks into a fresh state whose media are attached; `prefix` is
+    /// the prompt tokens the blocks hold. `capacity`: positions the sequence is expected to
+    /// reach (room can be made at once).
+    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], prefix: &[u32], capacity: usize) -> Result<(), BackendError>;
 }
 
 /// One input's result of a forward.
@@ -157,8 +158,8 @@ impl Backend for Flamingo {
         block.head(rows, media).ok()
     }
 
-    fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock], capacity: usize) -> Result<(), BackendError> {
-        self.restore_prefix(state, blocks, capacity).map_err(internal)
+    fn restore(&self, state: &mut SequenceState, blocks: &[&KvBlock], prefix: &[u32], capacity: usize) -> Result<(), BackendError> {
+        self.restore_prefix(state, blocks, prefix, capacity).map_err(internal)
     }
 }
 
@@ -204,7 +205,7 @@ impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
     fn block_head(&self, block: &Self::Block, rows: usize, media: usize) -> Option<Self::Block> {
         (**self).block_head(block, rows, media)
     }
-    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], capacity: usize) -> Result<(), BackendError> {
-        (**self).restore(state, blocks, capacity)
+    fn restore(&self, state: &mut Self::State, blocks: &[&Self::Block], prefix: &[u32], capacity: usize) -> Result<(), BackendError> {
+        (**self).restore(state, blocks, prefix, capacity)
     }
 }

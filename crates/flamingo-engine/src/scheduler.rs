@@ -247,7 +247,7 @@ impl<B: Backend> Scheduler<B> {
         let hit = self.prefix.lookup(&blocks, w.req.prompt.len() - 1, |b, rows, media| backend.block_head(b, rows, media));
         // Room for the prompt and the start of the generation, allocated once.
         let capacity = w.req.prompt.len() + w.req.stop.max_new_tokens.min(RESERVE_GENERATED);
-        self.backend.restore(&mut state, &hit.refs(), capacity)?;
+        self.backend.restore(&mut state, &hit.refs(), &w.req.prompt[..hit.tokens], capacity)?;
         Ok(Sequence::new(w, state, hit.tokens, blocks, reserved))
     }
 

@@ -99,7 +99,7 @@ impl Backend for Fake {
     fn block_bytes(&self, b: &Vec<u32>) -> usize {
         b.len() * 4
     }
-    fn restore(&self, s: &mut FakeState, blocks: &[&Vec<u32>], _capacity: usize) -> Result<(), BackendError> {
+    fn restore(&self, s: &mut FakeState, blocks: &[&Vec<u32>], _prefix: &[u32], _capacity: usize) -> Result<(), BackendError> {
         for b in blocks {
             s.seen.extend_from_slice(b);
         }

@@ -41,6 +41,48 @@ impl LmFamily {
     }
 }
 
+/// The model families: what a model directory's layout and components are. The engine and the
+/// server never branch on it; everything that differs is described by the loaded model
+/// ([`ResolvedConfig`], the tokenizer, the preprocessing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFamily {
+    /// OpenFlamingo: `clip/` (open_clip) + `lm/` (HF causal LM) + `checkpoint.pt`.
+    OpenFlamingo,
+    /// HF IDEFICS: one HF directory (`config.json` with `model_type: idefics`).
+    Idefics,
+}
+
+impl ModelFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OpenFlamingo => "openflamingo",
+            Self::Idefics => "idefics",
+        }
+    }
+}
+
+/// Which image each text token attends to in the gated cross-attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaRule {
+    /// OpenFlamingo's `only_attend_immediate_media`: the latest `<image>` at or before the
+    /// token (none before the first); a generated `<image>` restarts the count at one (see
+    /// [`crate::xattn`]).
+    Cumulative { media: u32 },
+    /// IDEFICS' processor mask: the latest `<image>` at or before the token, but none for the
+    /// tokens after an `eos` until the next `<image>`; generated tokens attend as the last prompt
+    /// token does (`generate` repeats the mask's last row).
+    ResetAfterEos { media: u32, eos: u32 },
+}
+
+impl MediaRule {
+    pub fn media_token(self) -> u32 {
+        match self {
+            Self::Cumulative { media } | Self::ResetAfterEos { media, .. } => media,
+        }
+    }
+}
+
 /// Optional `DIR/flamingo.toml`: overrides for what is otherwise read or inferred.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,8 +103,9 @@ pub struct Overrides {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreprocessOverrides {
-    /// `"crop"` (default: open_clip's shortest side to the image size and centre crop) or
-    /// `"stretch"` (the whole image resized to image size x image size).
+    /// `"crop"` (default: open_clip's shortest side to the image size and centre crop),
+    /// `"stretch"` (the whole image resized to image size x image size) or `"stretch_on_white"`
+    /// (transparency composited on white first, IDEFICS' preprocessing).
     pub resize: Option<Resize>,
 }
 
@@ -86,15 +129,19 @@ pub struct HeadOverrides {
 /// Everything the model was built with, after inference and overrides.
 #[derive(Debug, Clone)]
 pub struct ResolvedConfig {
+    pub model_family: ModelFamily,
     pub family: LmFamily,
     pub vision: VisionConfig,
     pub perceiver: PerceiverConfig,
     pub xattn: XattnConfig,
     /// How images (and video frames) are brought to `vision.image_size` (`[preprocess] resize`).
     pub resize: Resize,
+    /// Which image each token attends to.
+    pub media_rule: MediaRule,
     /// Decoder layers that have a gated cross-attention block before them.
     pub gated_layers: Vec<usize>,
-    /// The interval when the gated layers follow OpenFlamingo's `(i+1) % n == 0` rule.
+    /// The interval of the gated layers: OpenFlamingo's `(i+1) % n == 0` rule when they follow
+    /// it, IDEFICS' `cross_layer_interval` (`i % n == 0`).
     pub cross_attn_every_n_layers: Option<usize>,
     pub media_token_id: u32,
     pub eoc_token_id: u32,

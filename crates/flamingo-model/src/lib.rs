@@ -16,6 +16,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod idefics;
 pub mod lm;
 pub mod loader;
 pub mod manifest;
@@ -35,8 +36,9 @@ pub mod xattn;
 
 pub use candle_core as candle;
 pub use candle_nn;
+pub use config::{MediaRule, ModelFamily};
 pub use error::{Error, Result};
-pub use loader::{load, Loaded, ModelFiles};
+pub use loader::{load, Loaded, LoadedFiles, ModelFiles};
 pub use model::{Flamingo, Input, Logits, MediaKv};
 pub use state::{KvBlock, SequenceState};
 pub use tokenizer::FlamingoTokenizer;

@@ -21,7 +21,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::config::{infer_interval, LmFamily, Overrides, ResolvedConfig};
+use crate::config::{infer_interval, LmFamily, MediaRule, ModelFamily, Overrides, ResolvedConfig};
 use crate::error::{Error, Result};
 use crate::lm;
 use crate::model::Flamingo;
@@ -44,11 +44,11 @@ pub struct ModelFiles {
     pub overrides: Option<PathBuf>,
 }
 
-fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
+pub(crate) fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
     names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
 }
 
-fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     #[derive(Deserialize)]
     struct Index {
         weight_map: std::collections::HashMap<String, String>,
@@ -102,7 +102,7 @@ struct OpenClipConfig {
     quick_gelu: bool,
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
 }
@@ -153,15 +153,38 @@ pub trait LoadProgress {
 
 impl LoadProgress for () {}
 
+/// The files a model was loaded from, by layout.
+#[derive(Debug, Clone)]
+pub enum LoadedFiles {
+    OpenFlamingo(ModelFiles),
+    Idefics(crate::idefics::IdeficsFiles),
+}
+
 /// A loaded model with its tokenizer.
 pub struct Loaded {
     pub model: Flamingo,
     pub tokenizer: FlamingoTokenizer,
-    pub files: ModelFiles,
+    pub files: LoadedFiles,
 }
 
-/// Loads a model directory onto `device` in `dtype`.
+/// Loads a model directory onto `device` in `dtype`, whatever its family's layout: an IDEFICS
+/// directory (`config.json` with `model_type: idefics`) or OpenFlamingo's three sources.
 pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgress) -> Result<Loaded> {
+    if crate::idefics::is_idefics_dir(dir) {
+        let l = crate::idefics::load(dir, device, dtype, progress)?;
+        return Ok(Loaded { model: l.model, tokenizer: l.tokenizer, files: LoadedFiles::Idefics(l.files) });
+    }
+    let (model, tokenizer, files) = load_openflamingo(dir, device, dtype, progress)?;
+    Ok(Loaded { model, tokenizer, files: LoadedFiles::OpenFlamingo(files) })
+}
+
+/// Loads an OpenFlamingo directory (the layout above).
+pub fn load_openflamingo(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    progress: &dyn LoadProgress,
+) -> Result<(Flamingo, FlamingoTokenizer, ModelFiles)> {
     crate::device::check_supported(device, dtype)?;
     let files = ModelFiles::resolve(dir)?;
     let overrides = read_overrides(&files)?;
@@ -219,11 +242,13 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
     let vision = VisionTransformer::new(&vision_cfg, vb.pp("visual")).map_err(|e| load_error(e, &files.clip_weights))?;
 
     let config = ResolvedConfig {
+        model_family: ModelFamily::OpenFlamingo,
         family,
         vision: vision_cfg,
         perceiver: perceiver_cfg,
         xattn: xattn_cfg,
         resize: overrides.preprocess.resize.unwrap_or_default(),
+        media_rule: MediaRule::Cumulative { media: tokenizer.media_token_id() },
         gated_layers: gated,
         cross_attn_every_n_layers: interval,
         media_token_id: tokenizer.media_token_id(),
@@ -233,7 +258,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
     };
     let mut model = Flamingo { vision, perceiver, xattn, lm, config, device: device.clone(), dtype, kv_pool: None };
     model.set_paged_kv(Flamingo::default_paged(device));
-    Ok(Loaded { model, tokenizer, files })
+    Ok((model, tokenizer, files))
 }
 
 /// `DIR/flamingo.toml`, if there is one.
@@ -387,7 +412,7 @@ fn gated_placement(gated: Vec<usize>, num_layers: usize, overrides: &Overrides, 
 /// Errors from building modules come back as candle errors. Those raised by the weight store
 /// (missing key, bad shape, unreadable tensor) already name their file; others (a bad config
 /// value) get the file they were read for.
-fn load_error(e: candle_core::Error, file: &Path) -> Error {
+pub(crate) fn load_error(e: candle_core::Error, file: &Path) -> Error {
     let msg = e.to_string();
     if msg.contains("missing tensor") || msg.contains("cannot read tensor") || msg.contains(", expected [") {
         Error::Weights(msg)

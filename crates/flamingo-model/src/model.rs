@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::ResolvedConfig;
+use crate::config::{MediaRule, ResolvedConfig};
 use crate::error::{Error, Result};
 use crate::lm::{Batch, LanguageModel};
 use crate::paged::KvPool;
@@ -190,28 +190,45 @@ impl Flamingo {
     }
 
     /// Restores a cached prompt prefix into a fresh state (images already attached): appends
-    /// each block's K/V to every layer and advances the media count as prefilling those tokens
-    /// would. Exact by the masking rule: a prefix's K/V depend only on its tokens and images.
+    /// each block's K/V to every layer, and `prefix` (the tokens those blocks hold, in order)
+    /// advances the media state as prefilling them would. Exact by the masking rule: a prefix's
+    /// K/V depend only on its tokens and images.
     ///
     /// The caches get room for `capacity` positions at once (the whole prompt and some of the
     /// generation), so neither the restore nor the prefill after it regrows them.
-    pub fn restore_prefix(&self, state: &mut SequenceState, blocks: &[&crate::state::KvBlock], capacity: usize) -> Result<()> {
+    pub fn restore_prefix(
+        &self,
+        state: &mut SequenceState,
+        blocks: &[&crate::state::KvBlock],
+        prefix: &[u32],
+        capacity: usize,
+    ) -> Result<()> {
         if !state.is_empty() || state.decode_media.is_some() {
             return Err(Error::Invalid("a prefix can only be restored into a fresh state".into()));
         }
         if blocks.iter().any(|b| b.layers.len() != self.lm.num_layers()) {
             return Err(Error::Invalid("prefix block from another model".into()));
         }
+        let rows: usize = blocks.iter().map(|b| b.len).sum();
+        let media: usize = blocks.iter().map(|b| b.media).sum();
+        if rows != prefix.len() {
+            return Err(Error::Invalid(format!("{} prefix tokens for blocks of {rows} positions", prefix.len())));
+        }
+        if !prefix.is_empty() {
+            media_indices(self.config.media_rule, MediaCursor::of(state), &Input::Prompt(prefix))?;
+        }
+        if state.media_seen != media {
+            return Err(Error::Invalid(format!("the prefix tokens hold {} images, its blocks {media}", state.media_seen)));
+        }
+        if state.media_seen > state.num_images {
+            return Err(Error::Invalid("restored prefix refers to more images than are attached".into()));
+        }
         // The first append (a restored block, or the prefill) allocates all of it.
-        let total = capacity.max(blocks.iter().map(|b| b.len).sum());
+        let total = capacity.max(rows);
         if let Some(p) = state.paged.as_mut() {
             p.reserve(total)?;
             for b in blocks {
                 p.append(&b.layers)?;
-                state.media_seen += b.media;
-            }
-            if state.media_seen > state.num_images {
-                return Err(Error::Invalid("restored prefix refers to more images than are attached".into()));
             }
             return Ok(());
         }
@@ -222,17 +239,13 @@ impl Flamingo {
             for (cache, (k, v)) in state.kv.iter_mut().zip(&b.layers) {
                 cache.append(k, v)?;
             }
-            state.media_seen += b.media;
-        }
-        if state.media_seen > state.num_images {
-            return Err(Error::Invalid("restored prefix refers to more images than are attached".into()));
         }
         Ok(())
     }
 
     /// The media index each new token attends to, advancing the sequence's media count.
     fn media_indices(&self, state: &mut SequenceState, input: &Input) -> Result<Vec<MediaIndex>> {
-        let out = media_indices(&mut state.media_seen, &mut state.decode_media, input, self.config.media_token_id)?;
+        let out = media_indices(self.config.media_rule, MediaCursor::of(state), input)?;
         if let Some(Some(m)) = out.iter().max() {
             if *m >= state.num_images {
                 return Err(Error::Invalid(format!(
@@ -306,34 +319,83 @@ impl Flamingo {
     }
 }
 
-/// OpenFlamingo's masking rule (`only_attend_immediate_media`) as media indices: prompt tokens
-/// continue `text_time = cumsum(token == <image>)` (the `<image>` token belongs to its image);
-/// generated tokens attend to the last prompt image, except that a generated `<image>` restarts
-/// the count at 1 as the reference's one-token forward does (see [`crate::xattn`]).
-pub(crate) fn media_indices(
-    media_seen: &mut usize,
-    decode_media: &mut Option<usize>,
-    input: &Input,
-    media: u32,
-) -> Result<Vec<MediaIndex>> {
+/// Where a sequence is in its model's [`MediaRule`]: what the tokens so far leave for the next.
+pub(crate) struct MediaCursor<'a> {
+    /// `<image>` tokens consumed by the prompt so far.
+    pub seen: &'a mut usize,
+    /// Once decoding started: the (1-based, 0 = none) image generated tokens attend to.
+    pub decode: &'a mut Option<usize>,
+    /// IDEFICS: an `eos` since the last `<image>`.
+    pub reset: &'a mut bool,
+    /// The image the last prompt token attended to.
+    pub last: &'a mut Option<usize>,
+}
+
+impl<'a> MediaCursor<'a> {
+    pub(crate) fn of(state: &'a mut SequenceState) -> Self {
+        MediaCursor {
+            seen: &mut state.media_seen,
+            decode: &mut state.decode_media,
+            reset: &mut state.media_reset,
+            last: &mut state.last_media,
+        }
+    }
+}
+
+/// The media index each new token attends to under `rule`, advancing the cursor.
+///
+/// OpenFlamingo (`only_attend_immediate_media`): prompt tokens continue
+/// `text_time = cumsum(token == <image>)` (the `<image>` token belongs to its image); generated
+/// tokens attend to the last prompt image, except that a generated `<image>` restarts the count
+/// at 1 as the reference's one-token forward does (see [`crate::xattn`]).
+///
+/// IDEFICS (the processor's `image_attention_mask`): the same count, but the tokens after an
+/// `eos` attend to no image until the next `<image>`; generated tokens attend as the last prompt
+/// token did, whatever they are.
+pub(crate) fn media_indices(rule: MediaRule, cur: MediaCursor, input: &Input) -> Result<Vec<MediaIndex>> {
     let idx = |t: usize| if t == 0 { None } else { Some(t - 1) };
     Ok(match input {
         Input::Prompt(ids) => {
-            if decode_media.is_some() {
+            if cur.decode.is_some() {
                 return Err(Error::Invalid("prompt tokens after generation started".into()));
             }
-            ids.iter()
-                .map(|&id| {
-                    if id == media {
-                        *media_seen += 1;
-                    }
-                    idx(*media_seen)
-                })
-                .collect()
+            let out: Vec<MediaIndex> = match rule {
+                MediaRule::Cumulative { media } => ids
+                    .iter()
+                    .map(|&id| {
+                        if id == media {
+                            *cur.seen += 1;
+                        }
+                        idx(*cur.seen)
+                    })
+                    .collect(),
+                MediaRule::ResetAfterEos { media, eos } => ids
+                    .iter()
+                    .map(|&id| {
+                        if id == media {
+                            *cur.seen += 1;
+                            *cur.reset = false;
+                        }
+                        let m = if *cur.reset { None } else { idx(*cur.seen) };
+                        if id == eos {
+                            *cur.reset = true;
+                        }
+                        m
+                    })
+                    .collect(),
+            };
+            if let Some(&m) = out.last() {
+                *cur.last = m;
+            }
+            out
         }
         Input::Generated(id) => {
-            let t = if *id == media { 1 } else { decode_media.unwrap_or(*media_seen) };
-            *decode_media = Some(t);
+            let t = match rule {
+                MediaRule::Cumulative { media } if *id == media => 1,
+                MediaRule::Cumulative { .. } => cur.decode.unwrap_or(*cur.seen),
+                MediaRule::ResetAfterEos { .. } => cur.decode.unwrap_or_else(|| cur.last.map_or(0, |m| m + 1)),
+            };
+            *cur.decode = Some(t);
             vec![idx(t)]
         }
     })
@@ -344,34 +406,78 @@ mod tests {
     use super::*;
 
     const M: u32 = 9;
+    const EOS: u32 = 2;
+    const OF: MediaRule = MediaRule::Cumulative { media: M };
+    const IDEFICS: MediaRule = MediaRule::ResetAfterEos { media: M, eos: EOS };
+
+    /// A sequence's media state, for the rule tests.
+    #[derive(Default)]
+    struct Cur {
+        seen: usize,
+        dec: Option<usize>,
+        reset: bool,
+        last: Option<usize>,
+    }
+
+    impl Cur {
+        fn run(&mut self, rule: MediaRule, input: Input) -> Result<Vec<MediaIndex>> {
+            let c = MediaCursor { seen: &mut self.seen, decode: &mut self.dec, reset: &mut self.reset, last: &mut self.last };
+            media_indices(rule, c, &input)
+        }
+    }
+
+    #[test]
+    fn idefics_tokens_after_eos_attend_to_nothing_until_the_next_image() {
+        let mut c = Cur::default();
+        let v = c.run(IDEFICS, Input::Prompt(&[1, M, 3, EOS, 4, 5])).unwrap();
+        assert_eq!(v, vec![None, Some(0), Some(0), Some(0), None, None]);
+        let v = c.run(IDEFICS, Input::Prompt(&[6, M, 7, M, EOS])).unwrap();
+        assert_eq!(v, vec![None, Some(1), Some(1), Some(2), Some(2)]);
+        // Generated tokens attend as the last prompt token (the eos) did, <image> or not.
+        for t in [5, M, EOS, 5] {
+            assert_eq!(c.run(IDEFICS, Input::Generated(t)).unwrap(), vec![Some(2)]);
+        }
+        let mut c = Cur::default();
+        c.run(IDEFICS, Input::Prompt(&[M, EOS, 4])).unwrap();
+        assert_eq!(c.run(IDEFICS, Input::Generated(5)).unwrap(), vec![None]);
+        // Chunked prompts give what one chunk does.
+        let ids = [1, M, 3, EOS, 4, M, 5, EOS, EOS, 6];
+        let whole = Cur::default().run(IDEFICS, Input::Prompt(&ids)).unwrap();
+        for split in 0..ids.len() {
+            let mut c = Cur::default();
+            let mut v = c.run(IDEFICS, Input::Prompt(&ids[..split])).unwrap();
+            v.extend(c.run(IDEFICS, Input::Prompt(&ids[split..])).unwrap());
+            assert_eq!(v, whole, "split at {split}");
+        }
+    }
 
     #[test]
     fn text_before_the_first_image_attends_to_nothing() {
-        let (mut seen, mut dec) = (0, None);
-        let v = media_indices(&mut seen, &mut dec, &Input::Prompt(&[1, 2, M, 3]), M).unwrap();
+        let mut c = Cur::default();
+        let v = c.run(OF, Input::Prompt(&[1, 2, M, 3])).unwrap();
         assert_eq!(v, vec![None, None, Some(0), Some(0)]);
     }
 
     #[test]
     fn each_token_attends_to_its_immediate_image_across_chunks() {
-        let (mut seen, mut dec) = (0, None);
-        let a = media_indices(&mut seen, &mut dec, &Input::Prompt(&[M, 1, 2]), M).unwrap();
-        let b = media_indices(&mut seen, &mut dec, &Input::Prompt(&[3, M, 4, M]), M).unwrap();
+        let mut c = Cur::default();
+        let a = c.run(OF, Input::Prompt(&[M, 1, 2])).unwrap();
+        let b = c.run(OF, Input::Prompt(&[3, M, 4, M])).unwrap();
         assert_eq!(a, vec![Some(0), Some(0), Some(0)]);
         assert_eq!(b, vec![Some(0), Some(1), Some(1), Some(2)]);
     }
 
     #[test]
     fn generated_tokens_attend_to_the_last_image() {
-        let (mut seen, mut dec) = (0, None);
-        media_indices(&mut seen, &mut dec, &Input::Prompt(&[M, 1, M, 2, M, 3]), M).unwrap();
+        let mut c = Cur::default();
+        c.run(OF, Input::Prompt(&[M, 1, M, 2, M, 3])).unwrap();
         for _ in 0..3 {
-            assert_eq!(media_indices(&mut seen, &mut dec, &Input::Generated(5), M).unwrap(), vec![Some(2)]);
+            assert_eq!(c.run(OF, Input::Generated(5)).unwrap(), vec![Some(2)]);
         }
         // The reference's quirk: a generated <image> (and what follows) attends to image 1.
-        assert_eq!(media_indices(&mut seen, &mut dec, &Input::Generated(M), M).unwrap(), vec![Some(0)]);
-        assert_eq!(media_indices(&mut seen, &mut dec, &Input::Generated(5), M).unwrap(), vec![Some(0)]);
-        assert!(media_indices(&mut seen, &mut dec, &Input::Prompt(&[1]), M).is_err());
+        assert_eq!(c.run(OF, Input::Generated(M)).unwrap(), vec![Some(0)]);
+        assert_eq!(c.run(OF, Input::Generated(5)).unwrap(), vec![Some(0)]);
+        assert!(c.run(OF, Input::Prompt(&[1])).is_err());
     }
 
     /// Attached cross-attention K/V are shared with their holder (here the `MediaKv`, in the

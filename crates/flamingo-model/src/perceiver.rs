@@ -23,37 +23,46 @@ pub struct PerceiverConfig {
     pub max_num_media: Option<usize>,
 }
 
-/// `Sequential(LayerNorm, Linear(d, mult*d), GELU, Linear(mult*d, d))`, keys `.0`, `.1`, `.3`.
+/// `LayerNorm -> Linear(d, mult*d) -> activation -> Linear(mult*d, d)`, no biases in the linears.
+/// OpenFlamingo's is `Sequential(LayerNorm, Linear, GELU, Linear)` (keys `.0`, `.1`, `.3`);
+/// IDEFICS' perceiver has ReLU (keys `ln`, `fc`, `c_proj`).
 pub struct FeedForward {
-    norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    pub(crate) norm: LayerNorm,
+    pub(crate) fc1: Linear,
+    pub(crate) fc2: Linear,
+    pub(crate) act: Activation,
 }
 
 impl FeedForward {
+    /// OpenFlamingo's, `vb` at the `Sequential`.
     pub fn new(dim: usize, mult: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm: LayerNorm::new(dim, 1e-5, true, vb.pp("0"))?,
             fc1: linear(dim, dim * mult, false, vb.pp("1"))?,
             fc2: linear(dim * mult, dim, false, vb.pp("3"))?,
+            act: Activation::Gelu,
         })
     }
 }
 
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&Activation::Gelu.forward(&self.fc1.forward(&self.norm.forward(x)?)?)?)
+        self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.norm.forward(x)?)?)?)
     }
 }
 
-struct PerceiverAttention {
-    norm_media: LayerNorm,
-    norm_latents: LayerNorm,
-    to_q: Linear,
-    to_kv: Linear,
-    to_out: Linear,
-    heads: usize,
-    dim_head: usize,
+pub(crate) struct PerceiverAttention {
+    pub(crate) norm_media: LayerNorm,
+    pub(crate) norm_latents: LayerNorm,
+    pub(crate) to_q: Linear,
+    /// Keys and values in one projection (separate ones are concatenated at load).
+    pub(crate) to_kv: Linear,
+    pub(crate) to_out: Linear,
+    /// LayerNorms over each head of the queries and keys (IDEFICS' `qk_layer_norms_perceiver`).
+    pub(crate) q_norm: Option<LayerNorm>,
+    pub(crate) k_norm: Option<LayerNorm>,
+    pub(crate) heads: usize,
+    pub(crate) dim_head: usize,
 }
 
 impl PerceiverAttention {
@@ -65,6 +74,8 @@ impl PerceiverAttention {
             to_q: linear(cfg.dim, inner, false, vb.pp("to_q"))?,
             to_kv: linear(cfg.dim, 2 * inner, false, vb.pp("to_kv"))?,
             to_out: linear(inner, cfg.dim, false, vb.pp("to_out"))?,
+            q_norm: None,
+            k_norm: None,
             heads: cfg.heads,
             dim_head: cfg.dim_head,
         })
@@ -75,23 +86,29 @@ impl PerceiverAttention {
         let inner = self.heads * self.dim_head;
         let x = self.norm_media.forward(x)?;
         let lat = self.norm_latents.forward(lat)?;
-        let q = split_heads(&self.to_q.forward(&lat)?, self.heads)?;
+        let mut q = split_heads(&self.to_q.forward(&lat)?, self.heads)?;
         let kv = self.to_kv.forward(&Tensor::cat(&[&x, &lat], 0)?)?;
-        let k = split_heads(&kv.narrow(1, 0, inner)?, self.heads)?;
+        let mut k = split_heads(&kv.narrow(1, 0, inner)?, self.heads)?;
+        if let Some(n) = &self.q_norm {
+            q = n.forward(&q)?;
+        }
+        if let Some(n) = &self.k_norm {
+            k = n.forward(&k)?;
+        }
         let v = split_heads(&kv.narrow(1, inner, inner)?, self.heads)?;
         let o = attention(&q, &k, &v, 1.0 / (self.dim_head as f64).sqrt(), None)?;
         self.to_out.forward(&merge_heads(&o)?)
     }
 }
 
-/// The resampler; `vb` points at `perceiver`.
+/// The resampler; OpenFlamingo's [`Self::new`] reads it at `perceiver`.
 pub struct PerceiverResampler {
-    latents: Tensor,
-    frame_embs: Option<Tensor>,
-    media_time_embs: Option<Tensor>,
-    layers: Vec<(PerceiverAttention, FeedForward)>,
-    norm: LayerNorm,
-    cfg: PerceiverConfig,
+    pub(crate) latents: Tensor,
+    pub(crate) frame_embs: Option<Tensor>,
+    pub(crate) media_time_embs: Option<Tensor>,
+    pub(crate) layers: Vec<(PerceiverAttention, FeedForward)>,
+    pub(crate) norm: LayerNorm,
+    pub(crate) cfg: PerceiverConfig,
 }
 
 impl PerceiverResampler {

@@ -17,6 +17,11 @@
 //! (`[preprocess] resize = "stretch"` in `flamingo.toml`, [`Resize::Stretch`]):
 //! `convert("RGB")` -> `resize((size, size), BICUBIC)` of the whole image (no crop, the aspect
 //! ratio not kept) -> `/255` -> the same normalisation.
+//!
+//! IDEFICS (transformers' `IdeficsImageProcessor`, [`Resize::StretchOnWhite`]) composites the
+//! image on opaque white instead of dropping alpha: an RGB image as is, any other mode
+//! `convert("RGBA")` -> `Image.alpha_composite(white, ·)` -> `convert("RGB")` (Pillow's integer
+//! arithmetic, `libImaging/AlphaComposite.c`) -> the same stretch, `/255` and normalisation.
 
 use std::io::Cursor;
 
@@ -52,7 +57,9 @@ pub enum PilMode {
     La,
     Rgb,
     Rgba,
-    /// Palette ("P"): resized with nearest neighbour.
+    /// Palette ("P"): resized with nearest neighbour. Held expanded through its palette as RGBA,
+    /// the alpha being the palette's (PNG `tRNS`, GIF transparency; 255 without), which is
+    /// what PIL's `convert("RGBA")` gives; `convert("RGB")` drops it.
     P,
 }
 
@@ -65,16 +72,21 @@ pub enum Resize {
     Crop,
     /// The whole image converted to RGB, then resized to size x size (PIL bicubic).
     Stretch,
+    /// IDEFICS's: the image composited on opaque white (an RGB image as is), then resized to
+    /// size x size (PIL bicubic).
+    StretchOnWhite,
 }
 
 impl Resize {
-    /// The values `[preprocess] resize` takes.
-    pub const VALUES: &'static str = "\"crop\" or \"stretch\"";
+    /// The values `[preprocess] resize` takes (worded so that the earlier `"crop" or "stretch"`
+    /// still reads in it: `tests/loader_errors.rs` looks for it in the error).
+    pub const VALUES: &'static str = "\"crop\" or \"stretch\", or \"stretch_on_white\" (IDEFICS's)";
 
     pub fn name(self) -> &'static str {
         match self {
             Resize::Crop => "crop",
             Resize::Stretch => "stretch",
+            Resize::StretchOnWhite => "stretch_on_white",
         }
     }
 
@@ -82,6 +94,7 @@ impl Resize {
         match name {
             "crop" => Some(Resize::Crop),
             "stretch" => Some(Resize::Stretch),
+            "stretch_on_white" => Some(Resize::StretchOnWhite),
             _ => None,
         }
     }
@@ -102,7 +115,7 @@ pub struct PilImage {
     pub mode: PilMode,
     pub width: usize,
     pub height: usize,
-    /// Interleaved channels: 1 (L), 2 (LA), 3 (RGB, P expanded to RGB) or 4 (RGBA).
+    /// Interleaved channels: 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA, P expanded to RGBA).
     pub data: Vec<u8>,
 }
 
@@ -111,8 +124,8 @@ impl PilImage {
         match self.mode {
             PilMode::L => 1,
             PilMode::La => 2,
-            PilMode::Rgb | PilMode::P => 3,
-            PilMode::Rgba => 4,
+            PilMode::Rgb => 3,
+            PilMode::Rgba | PilMode::P => 4,
         }
     }
 }
@@ -163,8 +176,8 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<PilImage> {
     let data = match mode {
         PilMode::L => img.to_luma8().into_raw(),
         PilMode::La => img.to_luma_alpha8().into_raw(),
-        PilMode::Rgb | PilMode::P => img.to_rgb8().into_raw(),
-        PilMode::Rgba => img.to_rgba8().into_raw(),
+        PilMode::Rgb => img.to_rgb8().into_raw(),
+        PilMode::Rgba | PilMode::P => img.to_rgba8().into_raw(),
     };
     Ok(PilImage { mode, width, height, data })
 }
@@ -442,20 +455,67 @@ pub fn clip_pixels(img: &PilImage, size: usize) -> Vec<f32> {
 pub fn to_rgb(img: &PilImage) -> PilImage {
     let c = img.channels();
     let data = match img.mode {
-        PilMode::Rgb | PilMode::P => img.data.clone(),
+        PilMode::Rgb => img.data.clone(),
         PilMode::L | PilMode::La => img.data.chunks_exact(c).flat_map(|px| [px[0]; 3]).collect(),
-        PilMode::Rgba => img.data.chunks_exact(c).flat_map(|px| [px[0], px[1], px[2]]).collect(),
+        PilMode::Rgba | PilMode::P => img.data.chunks_exact(c).flat_map(|px| [px[0], px[1], px[2]]).collect(),
     };
     PilImage { mode: PilMode::Rgb, width: img.width, height: img.height, data }
 }
 
-/// The stretch transform: `convert("RGB")` -> `resize((size, size), BICUBIC)` -> `/255` ->
-/// normalise; `[3, size, size]` f32 values (row-major, channel first).
-pub fn stretch_pixels(img: &PilImage, size: usize) -> Vec<f32> {
-    let r = pil_resize(&to_rgb(img), size, size);
-    let plane = size * size;
+/// PIL's `convert("RGBA")`: greyscale replicated, alpha 255 where the mode has none; a palette
+/// image's colours with the palette's alpha (already expanded by [`decode`]).
+///
+/// Not kept by [`decode`], so not reproduced: the transparency key of an L or RGB PNG (`tRNS`
+/// outside palette images), which PIL's `convert("RGBA")` would turn into alpha 0 (for RGB it
+/// does not matter to [`composite_on_white`]: an RGB image is left as is).
+pub fn to_rgba(img: &PilImage) -> PilImage {
+    let c = img.channels();
+    let data = match img.mode {
+        PilMode::Rgba | PilMode::P => img.data.clone(),
+        PilMode::Rgb => img.data.chunks_exact(c).flat_map(|px| [px[0], px[1], px[2], 255]).collect(),
+        PilMode::L => img.data.iter().flat_map(|&v| [v, v, v, 255]).collect(),
+        PilMode::La => img.data.chunks_exact(c).flat_map(|px| [px[0], px[0], px[0], px[1]]).collect(),
+    };
+    PilImage { mode: PilMode::Rgba, width: img.width, height: img.height, data }
+}
+
+/// Pillow's `Image.alpha_composite(dst, src)` for one channel of one pixel, `dst` opaque white
+/// (`libImaging/AlphaComposite.c`, its scalar path, 7 bits of extra precision; with
+/// `dst = (255, 255, 255, 255)`: `blend = 255 (255 - a)`, `outa255 = 255 a + blend = 255 * 255`).
+fn over_white(v: u8, a: u8) -> u8 {
+    const PRECISION_BITS: u32 = 7;
+    let (v, a) = (v as u32, a as u32);
+    if a == 0 {
+        return 255;
+    }
+    let blend = 255 * (255 - a);
+    let outa255 = a * 255 + blend;
+    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+    let tmp = v * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS);
+    // SHIFTFORDIV255
+    ((((tmp >> 8) + tmp) >> 8) >> PRECISION_BITS) as u8
+}
+
+/// transformers' IDEFICS `convert_to_rgb`, as PIL computes it: an RGB image unchanged; any
+/// other `convert("RGBA")` ([`to_rgba`]), `Image.alpha_composite` over an opaque white
+/// `Image.new("RGBA", size, (255, 255, 255))`, then `convert("RGB")`.
+pub fn composite_on_white(img: &PilImage) -> PilImage {
+    if img.mode == PilMode::Rgb {
+        return img.clone();
+    }
+    let rgba = to_rgba(img);
+    let data =
+        rgba.data.chunks_exact(4).flat_map(|px| [over_white(px[0], px[3]), over_white(px[1], px[3]), over_white(px[2], px[3])]).collect();
+    PilImage { mode: PilMode::Rgb, width: img.width, height: img.height, data }
+}
+
+/// `/255` then CLIP's normalisation of an RGB image's pixels: `[3, H, W]` values.
+fn normalise_rgb(img: &PilImage) -> Vec<f32> {
+    debug_assert_eq!(img.mode, PilMode::Rgb);
+    let plane = img.width * img.height;
     let mut out = vec![0f32; 3 * plane];
-    for (i, px) in r.data.chunks_exact(3).take(plane).enumerate() {
+    for (i, px) in img.data.chunks_exact(3).take(plane).enumerate() {
         for ch in 0..3 {
             let v = px[ch] as f32 / 255.0;
             out[ch * plane + i] = (v - CLIP_MEAN[ch]) / CLIP_STD[ch];
@@ -464,11 +524,25 @@ pub fn stretch_pixels(img: &PilImage, size: usize) -> Vec<f32> {
     out
 }
 
+/// The stretch transform: `convert("RGB")` -> `resize((size, size), BICUBIC)` -> `/255` ->
+/// normalise; `[3, size, size]` f32 values (row-major, channel first).
+pub fn stretch_pixels(img: &PilImage, size: usize) -> Vec<f32> {
+    normalise_rgb(&pil_resize(&to_rgb(img), size, size))
+}
+
+/// IDEFICS's transform (transformers' `IdeficsImageProcessor`): [`composite_on_white`] ->
+/// `resize((size, size), BICUBIC)` -> `/255` -> normalise; `[3, size, size]` f32 values
+/// (row-major, channel first).
+pub fn stretch_on_white_pixels(img: &PilImage, size: usize) -> Vec<f32> {
+    normalise_rgb(&pil_resize(&composite_on_white(img), size, size))
+}
+
 /// `[3, size, size]` normalised values of `img` under `resize`.
 pub fn pixels(img: &PilImage, size: usize, resize: Resize) -> Vec<f32> {
     match resize {
         Resize::Crop => clip_pixels(img, size),
         Resize::Stretch => stretch_pixels(img, size),
+        Resize::StretchOnWhite => stretch_on_white_pixels(img, size),
     }
 }
 
@@ -560,6 +634,84 @@ mod tests {
         assert_eq!(px[7], white);
         assert_eq!(Resize::from_name("stretch"), Some(Resize::Stretch));
         assert_eq!(Resize::from_name("Stretch"), None);
+    }
+
+    #[test]
+    fn composite_on_white_by_hand() {
+        // 2x2 RGBA over opaque white: out = round((v a + 255 (255 - a)) / 255).
+        let img = PilImage {
+            mode: PilMode::Rgba,
+            width: 2,
+            height: 2,
+            data: vec![
+                10, 200, 30, 0, // transparent: white, whatever the colour
+                10, 200, 30, 255, // opaque: the colour
+                0, 100, 200, 128, // 0 -> 32385/255 = 127; 100 -> 45185/255 = 177.2; 200 -> 57985/255 = 227.4
+                13, 255, 1, 77, // 13 -> 46391/255 = 181.9; 255 -> 255; 1 -> 45467/255 = 178.3
+            ],
+        };
+        let out = composite_on_white(&img);
+        assert_eq!((out.mode, out.width, out.height), (PilMode::Rgb, 2, 2));
+        assert_eq!(out.data, vec![255, 255, 255, 10, 200, 30, 127, 177, 227, 182, 255, 178]);
+        // LA: grey replicated, composited; L: replicated (alpha 255); P: its palette's alpha.
+        let la = PilImage { mode: PilMode::La, width: 3, height: 1, data: vec![50, 0, 50, 255, 0, 128] };
+        assert_eq!(composite_on_white(&la).data, vec![255, 255, 255, 50, 50, 50, 127, 127, 127]);
+        let l = PilImage { mode: PilMode::L, width: 2, height: 1, data: vec![0, 77] };
+        assert_eq!(composite_on_white(&l).data, vec![0, 0, 0, 77, 77, 77]);
+        let p = PilImage { mode: PilMode::P, width: 2, height: 1, data: vec![9, 8, 7, 0, 0, 100, 200, 128] };
+        assert_eq!(composite_on_white(&p).data, vec![255, 255, 255, 127, 177, 227]);
+        // RGB is left as is (transformers returns it unchanged).
+        let rgb = PilImage { mode: PilMode::Rgb, width: 1, height: 1, data: vec![1, 2, 3] };
+        assert_eq!(composite_on_white(&rgb).data, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn over_white_is_pillows_alpha_composite_for_every_value_and_alpha() {
+        // FNV-1a 64 of PIL 13's `Image.alpha_composite(Image.new("RGBA", (65536, 1),
+        // (255, 255, 255)), src).convert("RGB")` red channel, src pixel `a * 256 + v` being
+        // (v, _, _, a), read in that order (every (value, alpha) pair; Pillow's SIMD and scalar
+        // paths agree with the same formula on 65536x1, 1x65536 and 1x1 images).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for a in 0..=255u8 {
+            for v in 0..=255u8 {
+                let got = over_white(v, a);
+                // The closed form: rounded (v a + 255 (255 - a)) / 255 (255 is odd: no ties).
+                let x = v as u32 * a as u32 + 255 * (255 - a as u32);
+                assert_eq!(got as u32, (2 * x + 255) / 510, "v {v} a {a}");
+                h ^= got as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        assert_eq!(h, 0x5546_cee1_5493_f6a7);
+    }
+
+    #[test]
+    fn stretch_on_white_differs_from_stretch_only_under_alpha() {
+        let rgba = PilImage { mode: PilMode::Rgba, width: 40, height: 10, data: [10u8, 200, 30, 0].repeat(400) };
+        let white: Vec<f32> = (0..3).flat_map(|ch| [(1.0 - CLIP_MEAN[ch]) / CLIP_STD[ch]; 64]).collect();
+        assert_eq!(stretch_on_white_pixels(&rgba, 8), white);
+        assert_eq!(pixels(&rgba, 8, Resize::StretchOnWhite), white);
+        let mut data = Vec::new();
+        for i in 0..400u32 {
+            data.extend_from_slice(&[(i % 251) as u8, (i * 7 % 256) as u8, (i / 2) as u8]);
+        }
+        let rgb = PilImage { mode: PilMode::Rgb, width: 40, height: 10, data };
+        assert_eq!(stretch_on_white_pixels(&rgb, 8), stretch_pixels(&rgb, 8));
+    }
+
+    #[test]
+    fn resize_names() {
+        use serde::de::IntoDeserializer;
+        for r in [Resize::Crop, Resize::Stretch, Resize::StretchOnWhite] {
+            assert_eq!(Resize::from_name(r.name()), Some(r));
+            assert!(Resize::VALUES.contains(&format!("\"{}\"", r.name())), "{}", Resize::VALUES);
+            let de: serde::de::value::StrDeserializer<serde::de::value::Error> = r.name().into_deserializer();
+            assert_eq!(<Resize as serde::Deserialize>::deserialize(de).unwrap(), r);
+        }
+        assert_eq!(Resize::StretchOnWhite.name(), "stretch_on_white");
+        let de: serde::de::value::StrDeserializer<serde::de::value::Error> = "on_white".into_deserializer();
+        let err = <Resize as serde::Deserialize>::deserialize(de).unwrap_err().to_string();
+        assert!(err.contains("\"stretch_on_white\""), "{err}");
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub fn build(spec: &RandomSpec, device: &Device, dtype: DType) -> Result<Flaming
         mlp_width: spec.vision_width * 4,
         quick_gelu: true,
         ln_post_on_tokens: false,
+        keep_cls: false,
+        ln_eps: 1e-5,
     };
     let perceiver = PerceiverConfig {
         dim: spec.vision_width,
@@ -145,11 +147,13 @@ pub fn build(spec: &RandomSpec, device: &Device, dtype: DType) -> Result<Flaming
         xattn[i] = Some(GatedCrossAttentionBlock::new(&xattn_cfg, vb.pp(format!("transformer.blocks.{i}.gated_cross_attn_layer")))?);
     }
     let config = ResolvedConfig {
+        model_family: crate::config::ModelFamily::OpenFlamingo,
         family: LmFamily::Mpt,
         vision: vision.clone(),
         perceiver: perceiver.clone(),
         xattn: xattn_cfg,
         resize: crate::preprocess::Resize::Crop,
+        media_rule: crate::config::MediaRule::Cumulative { media: (spec.vocab - 2) as u32 },
         cross_attn_every_n_layers: infer_interval(&gated, spec.n_layers),
         gated_layers: gated,
         media_token_id: (spec.vocab - 2) as u32,

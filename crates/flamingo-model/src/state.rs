@@ -236,6 +236,10 @@ pub struct SequenceState {
     /// Once decoding started: the image the next generated token attends to (see
     /// [`crate::xattn`] for the reference's rule).
     pub(crate) decode_media: Option<usize>,
+    /// IDEFICS' rule: an `eos` was seen since the last `<image>`, so prompt tokens attend to none.
+    pub(crate) media_reset: bool,
+    /// The image the last prompt token attended to (IDEFICS' generated tokens attend to it).
+    pub(crate) last_media: Option<usize>,
 }
 
 impl SequenceState {
@@ -247,6 +251,8 @@ impl SequenceState {
             num_images: 0,
             media_seen: 0,
             decode_media: None,
+            media_reset: false,
+            last_media: None,
         }
     }
 
@@ -259,6 +265,8 @@ impl SequenceState {
             num_images: self.num_images,
             media_seen: self.media_seen,
             decode_media: self.decode_media,
+            media_reset: self.media_reset,
+            last_media: self.last_media,
         })
     }
 

@@ -14,6 +14,10 @@ use crate::error::{Error, Result};
 pub const MEDIA_TOKEN: &str = "<image>";
 pub const EOC_TOKEN: &str = "<|endofchunk|>";
 pub const PAD_TOKEN: &str = "<PAD>";
+/// IDEFICS' marker around each run of images.
+pub const FAKE_IMAGE_TOKEN: &str = "<fake_token_around_image>";
+/// IDEFICS' instruct models' end of a turn.
+pub const END_OF_UTTERANCE_TOKEN: &str = "<end_of_utterance>";
 
 /// A piece of a prompt assembled by a prompt builder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,10 @@ pub struct FlamingoTokenizer {
     pad_token_id: u32,
     eos_token_id: Option<u32>,
     bos_token_id: Option<u32>,
+    /// Prompts start with this id whatever the tokenizer's post-processor does (IDEFICS'
+    /// processor writes `<s>` itself and encodes without special tokens); `None`: the
+    /// post-processor decides (OpenFlamingo's `tokenizer(text)`).
+    prompt_bos: Option<u32>,
 }
 
 /// The content of a special-token entry in `tokenizer_config.json` / `special_tokens_map.json`
@@ -90,6 +98,22 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     serde_json::from_str(&text).map(Some).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
 }
 
+/// `pad_token`, `eos_token` and `bos_token` as `special_tokens_map.json` (first) or
+/// `tokenizer_config.json` name them.
+fn special_token_names(dir: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let mut special = std::collections::HashMap::new();
+    for f in ["special_tokens_map.json", "tokenizer_config.json"] {
+        if let Some(serde_json::Value::Object(o)) = read_json(&dir.join(f))? {
+            for k in ["pad_token", "eos_token", "bos_token"] {
+                if let Some(v) = o.get(k).and_then(token_content) {
+                    special.entry(k.to_string()).or_insert(v);
+                }
+            }
+        }
+    }
+    Ok(special)
+}
+
 impl FlamingoTokenizer {
     /// Loads `lm_dir/tokenizer.json` and adds OpenFlamingo's tokens.
     pub fn from_lm_dir(lm_dir: &Path) -> Result<Self> {
@@ -98,17 +122,8 @@ impl FlamingoTokenizer {
             return Err(Error::file(&path, "file not found (the LM directory needs a fast-tokenizer tokenizer.json)"));
         }
         let mut inner = Tokenizer::from_file(&path).map_err(|e| Error::file(&path, format!("cannot load tokenizer: {e}")))?;
-        let mut special = serde_json::Map::new();
-        for f in ["special_tokens_map.json", "tokenizer_config.json"] {
-            if let Some(serde_json::Value::Object(o)) = read_json(&lm_dir.join(f))? {
-                for k in ["pad_token", "eos_token", "bos_token"] {
-                    if let Some(v) = o.get(k).and_then(token_content) {
-                        special.entry(k.to_string()).or_insert(serde_json::Value::String(v));
-                    }
-                }
-            }
-        }
-        let get = |k: &str| special.get(k).and_then(|v| v.as_str()).map(String::from);
+        let special = special_token_names(lm_dir)?;
+        let get = |k: &str| special.get(k).cloned();
         let to_add = [AddedToken::from(EOC_TOKEN, true), AddedToken::from(MEDIA_TOKEN, true)];
         inner.add_special_tokens(&to_add);
         let pad = match get("pad_token").and_then(|p| inner.token_to_id(&p)) {
@@ -136,6 +151,44 @@ impl FlamingoTokenizer {
             pad_token_id: pad,
             eos_token_id: eos,
             bos_token_id: bos,
+            prompt_bos: None,
+        })
+    }
+
+    /// Loads an IDEFICS directory's `tokenizer.json`, whose added tokens already hold
+    /// `<fake_token_around_image>` and `<image>` (and `<end_of_utterance>` for the instruct
+    /// models): nothing is added. The end of a turn is `<end_of_utterance>` when the tokenizer
+    /// has it, else the eos; prompts start with BOS as IDEFICS' processor writes them.
+    pub fn from_idefics_dir(dir: &Path) -> Result<Self> {
+        let path: PathBuf = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::file(&path, "file not found (an IDEFICS directory needs its fast-tokenizer tokenizer.json)"));
+        }
+        let inner = Tokenizer::from_file(&path).map_err(|e| Error::file(&path, format!("cannot load tokenizer: {e}")))?;
+        let special = special_token_names(dir)?;
+        let id = |k: &str, default: &str| inner.token_to_id(special.get(k).map_or(default, String::as_str));
+        let media = inner
+            .token_to_id(MEDIA_TOKEN)
+            .ok_or_else(|| Error::file(&path, format!("the tokenizer has no {MEDIA_TOKEN} token (IDEFICS' image slot)")))?;
+        if inner.token_to_id(FAKE_IMAGE_TOKEN).is_none() {
+            return Err(Error::file(&path, format!("the tokenizer has no {FAKE_IMAGE_TOKEN} token")));
+        }
+        let eos = id("eos_token", "</s>");
+        let bos = id("bos_token", "<s>");
+        let eou = inner.token_to_id(END_OF_UTTERANCE_TOKEN);
+        let eoc = eou.or(eos).ok_or_else(|| Error::file(&path, "the tokenizer has neither <end_of_utterance> nor an eos token"))?;
+        let pad = id("pad_token", "<unk>").or(eos).unwrap_or(0);
+        let (literal, specials) = literal_tokenizer(&inner)?;
+        Ok(Self {
+            inner,
+            literal,
+            specials,
+            media_token_id: media,
+            eoc_token_id: eoc,
+            pad_token_id: pad,
+            eos_token_id: eos,
+            bos_token_id: bos,
+            prompt_bos: bos,
         })
     }
 
@@ -170,17 +223,24 @@ impl FlamingoTokenizer {
     }
 
     /// The ids that end a generation: `<|endofchunk|>` (the end of an example in OpenFlamingo's
-    /// few-shot format) and the LM's eos, if it has one.
+    /// few-shot format; IDEFICS: `<end_of_utterance>`) and the LM's eos, if it has one.
     pub fn stop_token_ids(&self) -> Vec<u32> {
         let mut ids = vec![self.eoc_token_id];
-        ids.extend(self.eos_token_id);
+        ids.extend(self.eos_token_id.filter(|&e| e != self.eoc_token_id));
         ids
     }
 
     /// Encodes a Flamingo prompt as the reference does (`tokenizer(text)`): special tokens in the
     /// text (`<image>`, `<|endofchunk|>`) become their ids and the tokenizer's own post-processing
     /// (e.g. LLaMA's BOS) applies.
+    ///
+    /// For IDEFICS: BOS, then the text with its special tokens recognised, as the processor
+    /// encodes `<s>` + text without the post-processor.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        if let Some(bos) = self.prompt_bos {
+            let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            return Ok(std::iter::once(bos).chain(enc.get_ids().iter().copied()).collect());
+        }
         let enc = self.inner.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -201,7 +261,10 @@ impl FlamingoTokenizer {
         }
         let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
         // What the post-processor adds around a prompt (e.g. LLaMA's BOS).
-        let mut ids = self.inner.encode("", true).map_err(err)?.get_ids().to_vec();
+        let mut ids = match self.prompt_bos {
+            Some(bos) => vec![bos],
+            None => self.inner.encode("", true).map_err(err)?.get_ids().to_vec(),
+        };
         let mut run = String::new();
         let flush = |run: &mut String, ids: &mut Vec<u32>| -> Result<()> {
             if !run.is_empty() {

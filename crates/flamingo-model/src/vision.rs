@@ -53,6 +53,10 @@ pub struct VisionConfig {
     pub quick_gelu: bool,
     /// Apply `ln_post` to the patch tokens (open_clip >= 2.23 behaviour). Default: off.
     pub ln_post_on_tokens: bool,
+    /// Keep the class token in the output (IDEFICS: 257 tokens); OpenFlamingo drops it.
+    pub keep_cls: bool,
+    /// LayerNorm epsilon (open_clip: 1e-5; HF CLIP: `layer_norm_eps`).
+    pub ln_eps: f64,
 }
 
 impl VisionConfig {
@@ -85,6 +89,8 @@ impl VisionConfig {
             mlp_width: (v.width as f64 * v.mlp_ratio) as usize,
             quick_gelu,
             ln_post_on_tokens: false,
+            keep_cls: false,
+            ln_eps: 1e-5,
         })
     }
 
@@ -93,15 +99,16 @@ impl VisionConfig {
     }
 }
 
-struct ResidualBlock {
-    ln_1: LayerNorm,
-    in_proj: Linear,
-    out_proj: Linear,
-    ln_2: LayerNorm,
-    c_fc: Linear,
-    c_proj: Linear,
-    act: Activation,
-    heads: usize,
+pub(crate) struct ResidualBlock {
+    pub(crate) ln_1: LayerNorm,
+    /// q, k and v in one projection (HF CLIP's separate ones are concatenated at load).
+    pub(crate) in_proj: Linear,
+    pub(crate) out_proj: Linear,
+    pub(crate) ln_2: LayerNorm,
+    pub(crate) c_fc: Linear,
+    pub(crate) c_proj: Linear,
+    pub(crate) act: Activation,
+    pub(crate) heads: usize,
 }
 
 impl ResidualBlock {
@@ -142,15 +149,15 @@ impl ResidualBlock {
     }
 }
 
-/// The vision tower; `vb` points at `visual`.
+/// The vision tower; open_clip's names are read by [`Self::new`] at `visual`.
 pub struct VisionTransformer {
-    conv1: Conv2d,
-    class_embedding: Tensor,
-    positional_embedding: Tensor,
-    ln_pre: LayerNorm,
-    blocks: Vec<ResidualBlock>,
-    ln_post: LayerNorm,
-    cfg: VisionConfig,
+    pub(crate) conv1: Conv2d,
+    pub(crate) class_embedding: Tensor,
+    pub(crate) positional_embedding: Tensor,
+    pub(crate) ln_pre: LayerNorm,
+    pub(crate) blocks: Vec<ResidualBlock>,
+    pub(crate) ln_post: LayerNorm,
+    pub(crate) cfg: VisionConfig,
 }
 
 impl VisionTransformer {
@@ -176,7 +183,13 @@ impl VisionTransformer {
         &self.cfg
     }
 
-    /// Pixels `[b, 3, H, W]` -> patch tokens `[b, num_patches, width]`.
+    /// Tokens per image this tower outputs: the patches, and the class token when it is kept.
+    pub fn num_tokens(&self) -> usize {
+        self.cfg.num_patches() + usize::from(self.cfg.keep_cls)
+    }
+
+    /// Pixels `[b, 3, H, W]` -> tokens `[b, num_tokens, width]` (patch tokens, after the class
+    /// token when the tower keeps it).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
         let w = self.cfg.width;
@@ -188,7 +201,7 @@ impl VisionTransformer {
         for blk in &self.blocks {
             x = blk.forward(&x)?;
         }
-        let tokens = x.narrow(1, 1, self.cfg.num_patches())?;
+        let tokens = if self.cfg.keep_cls { x } else { x.narrow(1, 1, self.cfg.num_patches())? };
         if self.cfg.ln_post_on_tokens {
             self.ln_post.forward(&tokens)
         } else {

@@ -21,7 +21,7 @@ use candle_core::{DType, Module, Result, Tensor, TensorId};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use crate::nn::{attend_row, attention, linear, merge_heads, split_heads, with_f32, Keys, LayerNorm, Linear};
+use crate::nn::{attend_row, attention, linear, merge_heads, split_heads, with_f32, Activation, Keys, LayerNorm, Linear, RmsNorm};
 use crate::perceiver::FeedForward;
 use crate::state::{XattnImages, XattnKv};
 
@@ -35,23 +35,64 @@ pub struct XattnConfig {
 }
 
 pub struct GatedCrossAttentionBlock {
-    norm: LayerNorm,
-    to_q: Linear,
-    to_kv: Linear,
-    to_out: Linear,
-    attn_gate: Tensor,
-    ff: FeedForward,
-    ff_gate: Tensor,
-    heads: usize,
-    dim_head: usize,
+    pub(crate) norm: Norm,
+    pub(crate) to_q: Linear,
+    /// Keys and values in one projection (`[2 * inner, dim_visual]`; a family with separate
+    /// `k_proj` / `v_proj` has them concatenated at load).
+    pub(crate) to_kv: Linear,
+    pub(crate) to_out: Linear,
+    /// RMS norms over each head of the queries and keys (IDEFICS' `qk_layer_norms`).
+    pub(crate) q_norm: Option<RmsNorm>,
+    pub(crate) k_norm: Option<RmsNorm>,
+    /// `tanh` of the attention gate: `[1]` (one per block) or `[dim]` (one per channel).
+    pub(crate) attn_gate: Tensor,
+    pub(crate) ff: XattnFeedForward,
+    /// `tanh` of the feed-forward gate, shaped as `attn_gate`.
+    pub(crate) ff_gate: Tensor,
+    pub(crate) heads: usize,
+    pub(crate) dim_head: usize,
     /// The batched path's stacked K/V of the last decode batch (see [`Self::attend_batched`]).
-    stacked: Mutex<Option<Stacked>>,
+    pub(crate) stacked: Mutex<Option<Stacked>>,
+}
+
+/// The pre-attention norm of a gated block: OpenFlamingo's LayerNorm or IDEFICS' RMSNorm.
+pub enum Norm {
+    Layer(LayerNorm),
+    Rms(RmsNorm),
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Layer(n) => n.forward(x),
+            Norm::Rms(n) => n.forward(x),
+        }
+    }
+}
+
+/// The gated block's feed-forward, its own norm included: OpenFlamingo's
+/// `LayerNorm -> Linear -> GELU -> Linear`, or IDEFICS' `RMSNorm -> SwiGLU` (LLaMA's MLP).
+pub enum XattnFeedForward {
+    Gelu(FeedForward),
+    SwiGlu { norm: RmsNorm, gate: Linear, up: Linear, down: Linear, act: Activation },
+}
+
+impl Module for XattnFeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            XattnFeedForward::Gelu(ff) => ff.forward(x),
+            XattnFeedForward::SwiGlu { norm, gate, up, down, act } => {
+                let h = norm.forward(x)?;
+                down.forward(&(act.forward(&gate.forward(&h)?)? * up.forward(&h)?)?)
+            }
+        }
+    }
 }
 
 /// The K/V of the images a batch's decode rows attend to, stacked one per row `[b, heads, n, d]`,
 /// with the (piece, image) each row came from: while the decode batch keeps its sequences (most
 /// steps), the next step reuses them instead of copying every row's image again.
-struct Stacked {
+pub(crate) struct Stacked {
     key: Vec<(TensorId, usize)>,
     k: Tensor,
     v: Tensor,
@@ -61,17 +102,19 @@ struct Stacked {
 pub type MediaIndex = Option<usize>;
 
 impl GatedCrossAttentionBlock {
-    /// `vb` points at `...gated_cross_attn_layer`.
+    /// OpenFlamingo's block; `vb` points at `...gated_cross_attn_layer`.
     pub fn new(cfg: &XattnConfig, vb: VarBuilder) -> Result<Self> {
         let inner = cfg.heads * cfg.dim_head;
         let a = vb.pp("attn");
         Ok(Self {
-            norm: LayerNorm::new(cfg.dim, 1e-5, true, a.pp("norm"))?,
+            norm: Norm::Layer(LayerNorm::new(cfg.dim, 1e-5, true, a.pp("norm"))?),
             to_q: linear(cfg.dim, inner, false, a.pp("to_q"))?,
             to_kv: linear(cfg.dim_visual, 2 * inner, false, a.pp("to_kv"))?,
             to_out: linear(inner, cfg.dim, false, a.pp("to_out"))?,
+            q_norm: None,
+            k_norm: None,
             attn_gate: vb.get(1, "attn_gate")?.tanh()?,
-            ff: FeedForward::new(cfg.dim, cfg.ff_mult, vb.pp("ff"))?,
+            ff: XattnFeedForward::Gelu(FeedForward::new(cfg.dim, cfg.ff_mult, vb.pp("ff"))?),
             ff_gate: vb.get(1, "ff_gate")?.tanh()?,
             heads: cfg.heads,
             dim_head: cfg.dim_head,
@@ -85,17 +128,26 @@ impl GatedCrossAttentionBlock {
         let (t, n, dv) = latents.dims3()?;
         let inner = self.heads * self.dim_head;
         let kv = self.to_kv.forward(&latents.reshape((t * n, dv))?)?.reshape((t, n, 2 * inner))?;
-        let split = |off: usize| -> Result<Tensor> {
-            kv.narrow(2, off, inner)?.reshape((t, n, self.heads, self.dim_head))?.transpose(1, 2)?.contiguous()
+        let split = |off: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let x = kv.narrow(2, off, inner)?.reshape((t, n, self.heads, self.dim_head))?;
+            let x = match norm {
+                Some(norm) => norm.forward(&x.contiguous()?)?,
+                None => x,
+            };
+            x.transpose(1, 2)?.contiguous()
         };
-        Ok(XattnKv { k: split(0)?, v: split(inner)? })
+        Ok(XattnKv { k: split(0, self.k_norm.as_ref())?, v: split(inner, None)? })
     }
 
     /// `x`: `[rows, d]`, stacked sequences; `seqs[i] = (media kv, media index of each of its rows)`.
     /// `batched`: attend the decode rows together ([`Self::attend_batched`], the device path)
     /// rather than in the CPU's fused loop.
     pub fn forward(&self, x: &Tensor, seqs: &[(&XattnImages, &[MediaIndex])], batched: bool) -> Result<Tensor> {
-        let q = self.to_q.forward(&self.norm.forward(x)?)?;
+        let mut q = self.to_q.forward(&self.norm.forward(x)?)?;
+        if let Some(norm) = &self.q_norm {
+            let (rows, inner) = q.dims2()?;
+            q = norm.forward(&q.reshape((rows, self.heads, self.dim_head))?)?.reshape((rows, inner))?;
+        }
         let a = if batched {
             self.attend_batched(&q, seqs)?
         } else if q.device().is_cpu() && q.dtype() == DType::F32 {

@@ -152,7 +152,7 @@ fn fork_and_restore(case: &str) {
         let block = a.kv_block(0, split, ids[..split].iter().filter(|&&t| t == m.config().media_token_id).count()).unwrap();
         let mut r = m.new_state();
         m.attach_media(&mut r, &c.latents[p]).unwrap();
-        m.restore_prefix(&mut r, &[&block], ids.len() + 4).unwrap();
+        m.restore_prefix(&mut r, &[&block], &ids[..split], ids.len() + 4).unwrap();
         let lr = m.forward(&mut [&mut r], &[Input::Prompt(&ids[split..])], Logits::All).unwrap();
         (la, lb, la2, lr, a.kv_bytes() > 0)
     };

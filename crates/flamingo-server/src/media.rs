@@ -46,6 +46,7 @@ impl MediaSpec {
         match self.resize {
             Resize::Crop => format!("openclip-bicubic-center-crop-{}", self.image_size),
             Resize::Stretch => format!("rgb-bicubic-stretch-{}", self.image_size),
+            Resize::StretchOnWhite => format!("rgb-on-white-bicubic-stretch-{}", self.image_size),
         }
     }
 

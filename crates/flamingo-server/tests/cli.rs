@@ -66,6 +66,57 @@ fn generate_json_greedy_and_beam_match_the_reference() {
     }
 }
 
+/// An IDEFICS directory through the same `--model` path: the raw prompt in the model's own
+/// form (`<fake_token_around_image><image><fake_token_around_image>` per image), BOS added, the
+/// images preprocessed as IDEFICS' processor does; greedy and beam ids are transformers'.
+#[test]
+fn generate_json_on_idefics_matches_the_reference() {
+    let case = "idefics_x2";
+    let p = root().join(format!("tests/fixtures/idefics/{case}/expected.json"));
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let model = format!("tests/fixtures/idefics/{case}");
+    let stops = [2u64, exp["end_of_utterance_id"].as_u64().unwrap()];
+    let cut = |v: Vec<u64>| -> Vec<u64> {
+        match v.iter().position(|t| stops.contains(t)) {
+            Some(i) => v[..i].to_vec(),
+            None => v,
+        }
+    };
+    for (name, p) in exp["prompts"].as_object().unwrap() {
+        let text = p["text"].as_str().unwrap().strip_prefix("<s>").unwrap();
+        let mut args = vec!["generate", "--model", &model, "--prompt", text, "--json"];
+        let images: Vec<String> = p["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i.as_str())
+            .filter(|i| i.ends_with(".png"))
+            .map(|i| format!("tests/fixtures/images/{i}"))
+            .collect();
+        for i in &images {
+            args.extend(["--image", i.as_str()]);
+        }
+        let greedy_n = exp["greedy_max_new_tokens"].to_string();
+        let mut g = args.clone();
+        g.extend(["--max-new-tokens", &greedy_n]);
+        let out = flamingo(&g);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+        assert_eq!(ids(&v["token_ids"]), cut(ids(&p["greedy"])), "{case} {name} greedy");
+
+        let beam_n = exp["beam"]["max_new_tokens"].to_string();
+        let mut b = args.clone();
+        b.extend(["--max-new-tokens", &beam_n, "--num-beams", "3"]);
+        let out = flamingo(&b);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let want = ids(&p["beam3"]);
+        if !want.iter().any(|t| stops.contains(t)) {
+            assert_eq!(ids(&v["token_ids"]), want, "{case} {name} beam 3");
+        }
+    }
+}
+
 #[test]
 fn sampling_is_reproducible_with_a_seed() {
     let args = [

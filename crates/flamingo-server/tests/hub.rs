@@ -174,9 +174,10 @@ fn download_lays_out_a_loadable_model_and_a_second_run_uses_the_cache() {
     let loaded = flamingo_model::load(&dir, &Device::Cpu, DType::F32, &()).unwrap_or_else(|e| panic!("load: {e}"));
     assert!(loaded.model.config().vision.quick_gelu);
     assert_eq!(loaded.model.config().cross_attn_every_n_layers, Some(1));
-    assert_eq!(loaded.files.checkpoint, dir.join("checkpoint.pt"));
-    assert_eq!(loaded.files.clip_weights, dir.join("clip/open_clip_pytorch_model.bin"));
-    assert_eq!(loaded.files.lm_weights, vec![dir.join("lm/pytorch_model.bin")]);
+    let flamingo_model::LoadedFiles::OpenFlamingo(files) = &loaded.files else { panic!("loaded as another layout") };
+    assert_eq!(files.checkpoint, dir.join("checkpoint.pt"));
+    assert_eq!(files.clip_weights, dir.join("clip/open_clip_pytorch_model.bin"));
+    assert_eq!(files.lm_weights, vec![dir.join("lm/pytorch_model.bin")]);
     drop(loaded);
 
     // Second run: same directory, no request at all.

@@ -111,7 +111,41 @@ impl LanguageModel for Llama {
 }
 
 pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Result<Box<dyn LanguageModel>> {
-    let cfg: LlamaConfig = serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("LLaMA config: {e}")))?;
+    let cfg = parse(config)?;
+    let embed_tokens = resize_rows(vb.pp("model").get_unchecked("embed_tokens.weight")?, vocab_rows)?;
+    let lm_head =
+        if cfg.tie_word_embeddings { embed_tokens.clone() } else { resize_rows(vb.get_unchecked("lm_head.weight")?, vocab_rows)? };
+    build(&cfg, embed_tokens, lm_head, vb)
+}
+
+/// IDEFICS' LLaMA: the same decoder, with decoupled embedding and head (`embed_tokens.weight`
+/// then `embed_tokens.additional_embedding.weight` rows; `lm_head.weight` then
+/// `lm_head.additional_fc.weight` outputs), read from the IDEFICS `config.json` (LLaMA's fields
+/// at its top level).
+pub fn load_idefics(config: &serde_json::Value, vocab: usize, additional: usize, vb: VarBuilder) -> Result<Box<dyn LanguageModel>> {
+    let cfg = parse(config)?;
+    let d = cfg.hidden_size;
+    let m = vb.pp("model");
+    let table = |base: Tensor, extra: &str, vb: &VarBuilder| -> Result<Tensor> {
+        if additional == 0 {
+            return Ok(base);
+        }
+        Tensor::cat(&[&base, &vb.get((additional, d), extra)?], 0)
+    };
+    let embed_tokens = table(m.get((vocab, d), "embed_tokens.weight")?, "embed_tokens.additional_embedding.weight", &m)?;
+    let lm_head = if cfg.tie_word_embeddings {
+        embed_tokens.clone()
+    } else {
+        table(vb.get((vocab, d), "lm_head.weight")?, "lm_head.additional_fc.weight", &vb)?
+    };
+    build(&cfg, embed_tokens, lm_head, vb)
+}
+
+fn parse(config: &serde_json::Value) -> Result<LlamaConfig> {
+    serde_json::from_value(config.clone()).map_err(|e| candle_core::Error::Msg(format!("LLaMA config: {e}")))
+}
+
+fn build(cfg: &LlamaConfig, embed_tokens: Tensor, lm_head: Tensor, vb: VarBuilder) -> Result<Box<dyn LanguageModel>> {
     if let Some(s) = cfg.rope_scaling.as_ref().filter(|v| !v.is_null()) {
         let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str());
         if kind != Some("default") {
@@ -155,9 +189,6 @@ pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Re
             })
         })
         .collect::<Result<_>>()?;
-    let embed_tokens = resize_rows(m.get_unchecked("embed_tokens.weight")?, vocab_rows)?;
-    let lm_head =
-        if cfg.tie_word_embeddings { embed_tokens.clone() } else { resize_rows(vb.get_unchecked("lm_head.weight")?, vocab_rows)? };
     for (name, t) in [("model.embed_tokens.weight", &embed_tokens), ("lm_head.weight", &lm_head)] {
         if t.dim(1)? != d {
             candle_core::bail!("{name} has shape {:?}, expected [_, {d}]", t.dims());
