@@ -7,8 +7,9 @@
 #   CASES="mosaicgpt_x1 llama_x2" scripts/gpu-bundle.sh
 #
 # The default cases cover the family of OpenFlamingo-3B (MosaicGPT, a gated block before every
-# layer) and LLaMA (rotary, grouped-query attention, every second layer): ~20 MB, so the bundle
-# (~45 MB) fits a transfer limit of 64 MiB. Run on the host: scripts/gpu-check.sh target/gpu OUT.
+# layer) and LLaMA (rotary, grouped-query attention, every second layer): ~20 MB; the sizes are
+# printed at the end and the whole must stay under a transfer limit of 64 MiB. Run on the
+# host: scripts/gpu-check.sh target/gpu OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASES="${CASES:-mosaicgpt_x1 llama_x2}"
@@ -28,3 +29,8 @@ for c in $CASES; do
 done
 cp scripts/gpu-check.sh "$DEST/"
 du -sh "$DEST" "$DEST"/* >&2
+total=$(du -sb "$DEST" | cut -f1)
+if (( total > 64 * 1024 * 1024 )); then
+  echo "gpu-bundle: $DEST is $total bytes, over the 64 MiB a GPU call carries (fewer CASES?)" >&2
+  exit 1
+fi

@@ -95,6 +95,20 @@ PROMPTS = [
     ),
 ]
 
+# A chat as idefics-9b-instruct's model card writes one for IdeficsProcessor (with
+# add_end_of_utterance_token=False): the server's `idefics_instruct` template must give the same
+# ids. Recorded after a case's seed is chosen (chat.json), so it does not change the models.
+CHAT = [
+    "User: What is it?",
+    "chelsea.png",
+    "<end_of_utterance>",
+    "\nAssistant: a cat.<end_of_utterance>",
+    "\nUser:",
+    "coffee.png",
+    "And this?<end_of_utterance>",
+    "\nAssistant:",
+]
+
 CORPUS = """
 The cat sat on the warm windowsill and watched the birds in the garden. It was a quiet morning.
 A cup of coffee stood on the table next to a plate of bread, butter and a little jar of honey.
@@ -237,9 +251,9 @@ def image_processor(size):
     return IdeficsImageProcessor(image_size=size, image_mean=IDEFICS_STANDARD_MEAN, image_std=IDEFICS_STANDARD_STD)
 
 
-def processor_inputs(processor, items):
+def processor_inputs(processor, items, **kw):
     sample = [Image.open(os.path.join(IMAGES, x)) if x.endswith(".png") else x for x in items]
-    return processor(text=[sample], return_tensors="pt")
+    return processor(text=[sample], return_tensors="pt", **kw)
 
 
 @torch.no_grad()
@@ -376,6 +390,21 @@ def write_case(case, case_dir, seed, model, processor, prompts, tensors, vocab):
     }
     with open(os.path.join(case_dir, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
+        f.write("\n")
+    # The instruct chat (not part of the seed search).
+    inp = processor_inputs(processor, CHAT, add_end_of_utterance_token=False)
+    greedy = generate(model, inp, max_new_tokens=GREEDY_NEW)
+    margins = greedy_margins(model, inp, greedy, inp["pixel_values"])
+    assert min(margins) >= MIN_MARGIN, f"{name}: chat greedy margin {min(margins)}"
+    chat = {
+        "items": CHAT,
+        "text": processor.tokenizer.decode(inp["input_ids"][0], skip_special_tokens=False),
+        "input_ids": inp["input_ids"][0].tolist(),
+        "greedy": greedy,
+        "greedy_margin_min": min(margins),
+    }
+    with open(os.path.join(case_dir, "chat.json"), "w") as f:
+        json.dump(chat, f, indent=1, sort_keys=True)
         f.write("\n")
 
 

@@ -1,6 +1,7 @@
 //! Manifests of released checkpoints (`config/models/*.toml`): where each of a model
-//! directory's three sources comes from, the LM family, the cross-attention interval, overrides
-//! to write to `flamingo.toml`, and published quality. The server's download path reads these.
+//! directory's sources comes from (OpenFlamingo's three; IDEFICS' one HF repository), the LM
+//! family, the cross-attention interval, overrides to write to `flamingo.toml`, and published
+//! quality. The server's download path reads these.
 
 use std::path::Path;
 
@@ -24,12 +25,19 @@ pub struct Source {
     pub revision: Option<String>,
 }
 
+/// OpenFlamingo's three sources (`clip`, `lm`, `checkpoint`), or one `model` repository whose
+/// files go to the directory's root (IDEFICS).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sources {
-    pub clip: Source,
-    pub lm: Source,
-    pub checkpoint: Source,
+    #[serde(default)]
+    pub clip: Option<Source>,
+    #[serde(default)]
+    pub lm: Option<Source>,
+    #[serde(default)]
+    pub checkpoint: Option<Source>,
+    #[serde(default)]
+    pub model: Option<Source>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +52,9 @@ pub struct Quality {
 pub struct Manifest {
     pub name: String,
     pub description: String,
+    /// `openflamingo` (the default) or `idefics`: which sources and layout the model has.
+    #[serde(default = "openflamingo")]
+    pub family: String,
     /// `model_type` of the LM (`mosaic_gpt`, `mpt`, `gpt_neox`, `llama`).
     pub lm_family: String,
     pub cross_attn_every_n_layers: usize,
@@ -52,7 +63,13 @@ pub struct Manifest {
     /// Written to the model directory's `flamingo.toml`.
     #[serde(default)]
     pub overrides: Option<toml::Table>,
-    pub quality: Quality,
+    /// Published few-shot quality, where the release states it in these terms.
+    #[serde(default)]
+    pub quality: Option<Quality>,
+}
+
+fn openflamingo() -> String {
+    "openflamingo".into()
 }
 
 impl Manifest {
@@ -70,12 +87,35 @@ impl Manifest {
         if m.cross_attn_every_n_layers == 0 {
             return Err(Error::file(origin, "cross_attn_every_n_layers must be >= 1"));
         }
+        let src = &m.sources;
+        match m.family.as_str() {
+            "openflamingo" if src.clip.is_some() && src.lm.is_some() && src.checkpoint.is_some() && src.model.is_none() => {}
+            "openflamingo" => {
+                return Err(Error::file(
+                    origin,
+                    "an openflamingo model needs [sources.clip], [sources.lm] and [sources.checkpoint] (and no [sources.model])",
+                ))
+            }
+            "idefics" if src.model.is_some() && src.clip.is_none() && src.lm.is_none() && src.checkpoint.is_none() => {
+                if m.overrides.is_some() {
+                    return Err(Error::file(origin, "an idefics model takes no [overrides] (its directory's config.json says everything)"));
+                }
+            }
+            "idefics" => return Err(Error::file(origin, "an idefics model needs [sources.model] only")),
+            other => return Err(Error::file(origin, format!("unknown family `{other}` (openflamingo or idefics)"))),
+        }
         // The overrides must be a valid flamingo.toml.
         let _: Overrides = toml::from_str(&m.flamingo_toml()).map_err(|e| Error::file(origin, format!("overrides: {e}")))?;
         Ok(m)
     }
 
-    /// The `flamingo.toml` to write into a model directory built from this manifest.
+    /// Whether the model is one HF repository laid out at the directory's root (IDEFICS).
+    pub fn single_repo(&self) -> bool {
+        self.sources.model.is_some()
+    }
+
+    /// The `flamingo.toml` to write into a model directory built from this manifest (IDEFICS
+    /// directories have none: their `config.json` says everything).
     pub fn flamingo_toml(&self) -> String {
         let mut t = self.overrides.clone().unwrap_or_default();
         t.insert("cross_attn_every_n_layers".into(), toml::Value::Integer(self.cross_attn_every_n_layers as i64));
@@ -105,10 +145,19 @@ mod tests {
     fn released_checkpoint_manifests_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/models");
         let all = Manifest::load_dir(&dir).unwrap();
-        assert_eq!(all.len(), 5);
+        assert_eq!(all.len(), 9);
         let names: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
         assert!(names.contains(&"openflamingo/OpenFlamingo-3B-vitl-mpt1b"));
-        for m in &all {
+        for n in ["idefics-9b", "idefics-9b-instruct", "idefics-80b", "idefics-80b-instruct"] {
+            let m = all.iter().find(|m| m.name == format!("HuggingFaceM4/{n}")).unwrap_or_else(|| panic!("{n} listed"));
+            assert_eq!((m.family.as_str(), m.lm_family.as_str(), m.cross_attn_every_n_layers), ("idefics", "llama", 4));
+            let src = m.sources.model.as_ref().expect("one repository");
+            assert_eq!(src.repo, m.name);
+            for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+                assert!(src.files.iter().any(|x| x == f), "{n}: {f}");
+            }
+        }
+        for m in all.iter().filter(|m| m.family == "openflamingo") {
             let o: Overrides = toml::from_str(&m.flamingo_toml()).unwrap();
             assert_eq!(o.cross_attn_every_n_layers, Some(m.cross_attn_every_n_layers));
             assert_eq!(o.vision.quick_gelu, Some(true), "{}: OpenAI CLIP uses QuickGELU", m.name);

@@ -24,20 +24,13 @@ pub const END_OF_UTTERANCE_TOKEN: &str = "<end_of_utterance>";
 pub enum Segment<'a> {
     /// Literal text: never turned into special tokens.
     Text(&'a str),
-    /// An `<image>` slot.
+    /// An image slot in the model's form: `<image>` (OpenFlamingo), or
+    /// `<fake_token_around_image><image><fake_token_around_image>` (IDEFICS; an image right
+    /// after another shares the fake token between them, as IDEFICS' processor writes it).
     Media,
-    /// `<|endofchunk|>`.
+    /// The end of a chunk or turn: `<|endofchunk|>` (OpenFlamingo), `<end_of_utterance>`
+    /// (IDEFICS, or its eos when the tokenizer has no `<end_of_utterance>`).
     EndOfChunk,
-}
-
-impl Segment<'_> {
-    fn as_str(&self) -> &str {
-        match self {
-            Segment::Text(t) => t,
-            Segment::Media => MEDIA_TOKEN,
-            Segment::EndOfChunk => EOC_TOKEN,
-        }
-    }
 }
 
 /// A copy of `inner` whose special added tokens are removed (so they are never matched in text),
@@ -78,6 +71,8 @@ pub struct FlamingoTokenizer {
     /// processor writes `<s>` itself and encodes without special tokens); `None`: the
     /// post-processor decides (OpenFlamingo's `tokenizer(text)`).
     prompt_bos: Option<u32>,
+    /// IDEFICS: `<fake_token_around_image>`, written around each run of images.
+    fake_image_token_id: Option<u32>,
 }
 
 /// The content of a special-token entry in `tokenizer_config.json` / `special_tokens_map.json`
@@ -152,6 +147,7 @@ impl FlamingoTokenizer {
             eos_token_id: eos,
             bos_token_id: bos,
             prompt_bos: None,
+            fake_image_token_id: None,
         })
     }
 
@@ -170,9 +166,9 @@ impl FlamingoTokenizer {
         let media = inner
             .token_to_id(MEDIA_TOKEN)
             .ok_or_else(|| Error::file(&path, format!("the tokenizer has no {MEDIA_TOKEN} token (IDEFICS' image slot)")))?;
-        if inner.token_to_id(FAKE_IMAGE_TOKEN).is_none() {
-            return Err(Error::file(&path, format!("the tokenizer has no {FAKE_IMAGE_TOKEN} token")));
-        }
+        let fake = inner
+            .token_to_id(FAKE_IMAGE_TOKEN)
+            .ok_or_else(|| Error::file(&path, format!("the tokenizer has no {FAKE_IMAGE_TOKEN} token")))?;
         let eos = id("eos_token", "</s>");
         let bos = id("bos_token", "<s>");
         let eou = inner.token_to_id(END_OF_UTTERANCE_TOKEN);
@@ -189,6 +185,7 @@ impl FlamingoTokenizer {
             eos_token_id: eos,
             bos_token_id: bos,
             prompt_bos: bos,
+            fake_image_token_id: Some(fake),
         })
     }
 
@@ -204,6 +201,12 @@ impl FlamingoTokenizer {
 
     pub fn media_token_id(&self) -> u32 {
         self.media_token_id
+    }
+
+    /// Whether the tokenizer has `<end_of_utterance>` (IDEFICS' instruct models were trained
+    /// with it; HF's processor decides its prompt form by it).
+    pub fn has_end_of_utterance(&self) -> bool {
+        self.inner.token_to_id(END_OF_UTTERANCE_TOKEN).is_some()
     }
 
     pub fn eoc_token_id(&self) -> u32 {
@@ -256,8 +259,7 @@ impl FlamingoTokenizer {
             _ => true,
         });
         if literal_only {
-            let text: String = segments.iter().map(|s| s.as_str()).collect();
-            return self.encode_prompt(&text);
+            return self.encode_prompt(&self.render(segments));
         }
         let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
         // What the post-processor adds around a prompt (e.g. LLaMA's BOS).
@@ -273,21 +275,49 @@ impl FlamingoTokenizer {
             }
             Ok(())
         };
+        let mut after_media = false;
         for s in segments {
             match s {
                 Segment::Text(t) => run.push_str(t),
                 Segment::Media => {
                     flush(&mut run, &mut ids)?;
-                    ids.push(self.media_token_id);
+                    match self.fake_image_token_id {
+                        Some(fake) if after_media => ids.extend([self.media_token_id, fake]),
+                        Some(fake) => ids.extend([fake, self.media_token_id, fake]),
+                        None => ids.push(self.media_token_id),
+                    }
                 }
                 Segment::EndOfChunk => {
                     flush(&mut run, &mut ids)?;
                     ids.push(self.eoc_token_id);
                 }
             }
+            after_media = matches!(s, Segment::Media);
         }
         flush(&mut run, &mut ids)?;
         Ok(ids)
+    }
+
+    /// The prompt string of `segments` in the model's own form (what `flamingo generate
+    /// --prompt` takes for the same prompt): image slots and chunk ends as their special tokens.
+    pub fn render(&self, segments: &[Segment<'_>]) -> String {
+        let token = |id: u32| self.inner.id_to_token(id).unwrap_or_default();
+        let mut out = String::new();
+        let mut after_media = false;
+        for s in segments {
+            match s {
+                Segment::Text(t) => out.push_str(t),
+                Segment::Media => match self.fake_image_token_id {
+                    Some(fake) if after_media => out.extend([token(self.media_token_id), token(fake)]),
+                    Some(fake) => out.extend([token(fake), token(self.media_token_id), token(fake)]),
+                    None => out.push_str(MEDIA_TOKEN),
+                },
+                Segment::EndOfChunk if self.fake_image_token_id.is_some() => out.push_str(&token(self.eoc_token_id)),
+                Segment::EndOfChunk => out.push_str(EOC_TOKEN),
+            }
+            after_media = matches!(s, Segment::Media);
+        }
+        out
     }
 
     /// Decodes generated ids to text, skipping special tokens.

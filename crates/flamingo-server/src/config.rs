@@ -194,8 +194,8 @@ impl Config {
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return bad("server.api_keys must not contain empty keys");
         }
-        if self.model.chat_template != "openflamingo" {
-            return bad("model.chat_template must be \"openflamingo\"");
+        if let Err(e) = crate::template::ChatTemplate::from_name(&self.model.chat_template) {
+            return Err(ConfigError::Invalid(format!("model.chat_template: {e}")));
         }
         let l = &self.limits;
         if l.max_tokens == 0 || l.default_max_tokens == 0 || l.max_n == 0 || l.max_beams == 0 || l.max_prompt_tokens == 0 {

@@ -32,6 +32,10 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("OpenFlamingo-4B-vitl-rpj3b.toml", include_str!("../../../config/models/OpenFlamingo-4B-vitl-rpj3b.toml")),
     ("OpenFlamingo-4B-vitl-rpj3b-langinstruct.toml", include_str!("../../../config/models/OpenFlamingo-4B-vitl-rpj3b-langinstruct.toml")),
     ("OpenFlamingo-9B-vitl-mpt7b.toml", include_str!("../../../config/models/OpenFlamingo-9B-vitl-mpt7b.toml")),
+    ("idefics-9b.toml", include_str!("../../../config/models/idefics-9b.toml")),
+    ("idefics-9b-instruct.toml", include_str!("../../../config/models/idefics-9b-instruct.toml")),
+    ("idefics-80b.toml", include_str!("../../../config/models/idefics-80b.toml")),
+    ("idefics-80b-instruct.toml", include_str!("../../../config/models/idefics-80b-instruct.toml")),
 ];
 
 /// The organisation prefix that may be left out when naming a released model.
@@ -151,10 +155,22 @@ fn normalized(name: &str) -> String {
     }
 }
 
-/// Finds a manifest by name: case-insensitive, with or without the `openflamingo/` prefix.
+/// Finds a manifest by name: case-insensitive, with or without the `openflamingo/` prefix; a
+/// name without an organisation also finds the one manifest of that name under another
+/// (`idefics-9b-instruct` is `HuggingFaceM4/idefics-9b-instruct`).
 pub fn find_manifest<'a>(manifests: &'a [Manifest], name: &str) -> Option<&'a Manifest> {
     let wanted = normalized(name);
-    manifests.iter().find(|m| normalized(&m.name) == wanted)
+    if let Some(m) = manifests.iter().find(|m| normalized(&m.name) == wanted) {
+        return Some(m);
+    }
+    if wanted.contains('/') {
+        return None;
+    }
+    let mut by_tail = manifests.iter().filter(|m| normalized(&m.name).rsplit_once('/').is_some_and(|(_, tail)| tail == wanted));
+    match (by_tail.next(), by_tail.next()) {
+        (Some(m), None) => Some(m),
+        _ => None,
+    }
 }
 
 /// The embedded manifest named `name` (see [`find_manifest`]).
@@ -280,6 +296,8 @@ enum Part {
     Clip,
     Lm,
     Checkpoint,
+    /// A single-repository model (IDEFICS): its files at the directory's root.
+    Root,
 }
 
 /// Downloads what `manifest` names into the hub cache (files already cached are not fetched
@@ -298,7 +316,9 @@ pub fn download(manifest: &Manifest, opts: &HubOptions) -> Result<PathBuf, HubEr
     // Destination inside the model directory (relative) -> file in the hub cache.
     let mut links = BTreeMap::new();
     let sources = &manifest.sources;
-    for (part, source) in [(Part::Clip, &sources.clip), (Part::Lm, &sources.lm), (Part::Checkpoint, &sources.checkpoint)] {
+    let parts =
+        [(Part::Clip, &sources.clip), (Part::Lm, &sources.lm), (Part::Checkpoint, &sources.checkpoint), (Part::Root, &sources.model)];
+    for (part, source) in parts.iter().filter_map(|(p, s)| s.as_ref().map(|s| (*p, s))) {
         let fetched = fetcher.fetch_source(source)?;
         for (name, path) in fetched.files {
             links.insert(destination(part, &name, false), path);
@@ -308,7 +328,8 @@ pub fn download(manifest: &Manifest, opts: &HubOptions) -> Result<PathBuf, HubEr
         }
     }
     let dir = opts.model_dir(manifest);
-    write_layout(&dir, &links, &manifest.flamingo_toml())?;
+    let toml = (!manifest.single_repo()).then(|| manifest.flamingo_toml());
+    write_layout(&dir, &links, toml.as_deref())?;
     Ok(dir)
 }
 
@@ -325,7 +346,7 @@ fn destination(part: Part, name: &str, main_weight: bool) -> PathBuf {
                 PathBuf::from("checkpoint.pt")
             }
         }
-        Part::Checkpoint => PathBuf::from(name),
+        Part::Checkpoint | Part::Root => PathBuf::from(name),
     }
 }
 
@@ -447,7 +468,7 @@ fn shards(index: &Path) -> Result<Vec<String>, HubError> {
 
 /// Builds the model directory in a staging directory next to it, then swaps it in, so stale
 /// entries from an earlier layout do not survive and a reader never sees a half-built directory.
-fn write_layout(dir: &Path, links: &BTreeMap<PathBuf, PathBuf>, flamingo_toml: &str) -> Result<(), HubError> {
+fn write_layout(dir: &Path, links: &BTreeMap<PathBuf, PathBuf>, flamingo_toml: Option<&str>) -> Result<(), HubError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     let base = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
@@ -465,8 +486,13 @@ fn write_layout(dir: &Path, links: &BTreeMap<PathBuf, PathBuf>, flamingo_toml: &
             }
             place(src, &dst)?;
         }
-        let toml_path = staging.join("flamingo.toml");
-        std::fs::write(&toml_path, flamingo_toml).map_err(io_err(&toml_path))
+        match flamingo_toml {
+            Some(text) => {
+                let toml_path = staging.join("flamingo.toml");
+                std::fs::write(&toml_path, text).map_err(io_err(&toml_path))
+            }
+            None => Ok(()),
+        }
     };
     if let Err(e) = build() {
         let _ = std::fs::remove_dir_all(&staging);

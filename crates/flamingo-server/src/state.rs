@@ -75,6 +75,8 @@ pub struct Runtime {
     /// Ids that end every generation (`<|endofchunk|>` and the LM's eos).
     pub stop_ids: Vec<u32>,
     pub media: Arc<MediaSpec>,
+    /// How chat messages become this model's prompt.
+    pub template: crate::template::ChatTemplate,
 }
 
 impl Runtime {
@@ -85,6 +87,7 @@ impl Runtime {
         let dtype = flamingo_model::device::dtype_for(&cfg.model.dtype, &device)?;
         flamingo_model::device::check_supported(&device, dtype)?;
         let loaded = flamingo_model::load(dir, &device, dtype, progress).with_context(|| format!("loading model {}", dir.display()))?;
+        let family = loaded.model.config().model_family;
         let l = &cfg.limits;
         let limits = ImageLimits { max_pixels: l.max_image_pixels, max_side: l.max_image_side };
         let media = Arc::new(MediaSpec::of_model(&loaded.model, limits, l.max_video_frames));
@@ -98,7 +101,11 @@ impl Runtime {
                 .with_context(|| format!("allocating {} MiB of K/V on {}", engine_cfg.kv_budget_bytes >> 20, cfg.model.device))?;
         }
         let engine = Engine::start(loaded.model, engine_cfg);
-        Ok(Self { engine, tokenizer: loaded.tokenizer, stop_ids, media })
+        let template = crate::template::ChatTemplate::from_name(&cfg.model.chat_template)
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or_else(|| crate::template::ChatTemplate::for_model(family, loaded.tokenizer.has_end_of_utterance()));
+        tracing::info!(template = template.name(), family = family.name(), "chat template");
+        Ok(Self { engine, tokenizer: loaded.tokenizer, stop_ids, media, template })
     }
 }
 

@@ -10,7 +10,7 @@ use crate::config::Limits;
 use crate::error::ApiError;
 use crate::media::MediaItem;
 use crate::state::{AppState, Runtime};
-use crate::template::{self, MediaRef};
+use crate::template::MediaRef;
 
 /// Parses a JSON body, naming the offending field in the error.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -242,7 +242,7 @@ pub fn chat(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiE
         (false, _) => None,
     };
     let plan = plan(&params, Kind::Chat, logprobs, &Bounds::of(&st.cfg.limits))?;
-    let prompt = template::openflamingo(&req.messages)?;
+    let prompt = rt.template.apply(&req.messages)?;
     let ids = rt
         .tokenizer
         .encode_segments(&prompt.segments())

@@ -367,7 +367,11 @@ fn embedded_manifests_and_lookup_by_name() {
     let embedded = hub::manifests().unwrap_or_else(|e| panic!("embedded manifests: {e}"));
     let names = |v: &[Manifest]| v.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
     assert_eq!(names(&embedded), names(&on_disk), "every config/models/*.toml is embedded");
-    assert_eq!(embedded.len(), 5);
+    assert_eq!(embedded.len(), 9);
+    for short in ["idefics-9b", "IDEFICS-80B-instruct", "huggingfacem4/idefics-9b-instruct"] {
+        let found = hub::find_manifest(&embedded, short).map(|m| m.name.to_ascii_lowercase());
+        assert_eq!(found, Some(format!("huggingfacem4/{}", short.trim_start_matches("huggingfacem4/").to_ascii_lowercase())), "{short}");
+    }
 
     let want = "openflamingo/OpenFlamingo-3B-vitl-mpt1b";
     for variant in [want, "OpenFlamingo-3B-vitl-mpt1b", "openflamingo-3b-vitl-mpt1b", "OPENFLAMINGO/openflamingo-3B-VITL-mpt1b"] {
@@ -466,4 +470,42 @@ fn options_from_environment_variables() {
     // No token file, no variable: no token.
     let o = HubOptions::from_vars(vars(&[("HF_HOME", tmp.0.to_str().expect("utf-8 path"))]));
     assert_eq!(o.token, None);
+}
+
+/// A single-repository model (IDEFICS): the embedded idefics-9b-instruct manifest's file list,
+/// pointed at a fake repo holding the sharded `idefics_x2` fixture, lays out the repository at
+/// the directory's root (index + every shard it names, no flamingo.toml) and loads as IDEFICS;
+/// the short name without the organisation finds it.
+#[test]
+fn an_idefics_repository_downloads_to_the_directory_root_and_loads() {
+    const REPO: &str = "HuggingFaceM4/idefics-9b-instruct";
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/idefics/idefics_x2");
+    let mut files: RepoFiles = Vec::new();
+    for e in std::fs::read_dir(&src).expect("fixture dir") {
+        let p = e.expect("entry").path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("expected") && !name.starts_with("chat") {
+            files.push((name, read(&p)));
+        }
+    }
+    let shards = files.iter().filter(|(n, _)| n.starts_with("model-")).count();
+    assert!(shards > 1, "the fixture is sharded");
+    let hub = FakeHub::start(vec![(REPO, files)], None);
+    let tmp = TempDir::new("idefics");
+    let opts = options(&hub.url, &tmp, None);
+    let all = hub::manifests().expect("embedded manifests");
+    let manifest = hub::find_manifest(&all, "idefics-9b-instruct").expect("found by its short name").clone();
+    assert_eq!(manifest.name, REPO);
+    let dir = hub::download(&manifest, &opts).unwrap_or_else(|e| panic!("download: {e}"));
+    assert!(dir.join("model.safetensors.index.json").is_file() && dir.join("config.json").is_file());
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-")).count(),
+        shards
+    );
+    assert!(!dir.join("flamingo.toml").exists());
+    let log = hub.requests();
+    assert!(log.iter().any(|r| r == &format!("GET /{REPO}/resolve/main/model.safetensors.index.json")), "{log:?}");
+    let loaded = flamingo_model::load(&dir, &Device::Cpu, DType::F32, &()).unwrap_or_else(|e| panic!("load: {e}"));
+    assert!(matches!(loaded.files, flamingo_model::LoadedFiles::Idefics(_)));
+    assert_eq!(loaded.model.config().model_family, flamingo_model::ModelFamily::Idefics);
 }

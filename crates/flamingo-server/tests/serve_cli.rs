@@ -367,8 +367,9 @@ fn check_manifest() {
     let m = flamingo_server::hub::manifest(MODEL).unwrap_or_else(|e| panic!("manifest {MODEL}: {e}"));
     assert_eq!(m.name, MODEL);
     let s = &m.sources;
-    assert_eq!((s.clip.repo.as_str(), s.lm.repo.as_str(), s.checkpoint.repo.as_str()), (CLIP_REPO, LM_REPO, CKPT_REPO));
-    for src in [&s.clip, &s.lm, &s.checkpoint] {
+    let (Some(clip), Some(lm), Some(ck)) = (&s.clip, &s.lm, &s.checkpoint) else { panic!("{MODEL} has OpenFlamingo's three sources") };
+    assert_eq!((clip.repo.as_str(), lm.repo.as_str(), ck.repo.as_str()), (CLIP_REPO, LM_REPO, CKPT_REPO));
+    for src in [clip, lm, ck] {
         assert!(src.revision.as_deref().unwrap_or("main") == "main", "the fake hub serves `main` only: {src:?}");
     }
 }
@@ -598,7 +599,7 @@ fn unknown_model_name_fails_clearly() {
     let err = strip_ansi(&out.stderr);
     assert!(err.contains("no/such-model") && err.contains("not a known model name"), "{err}");
     let known = flamingo_server::hub::manifests().expect("embedded manifests");
-    assert_eq!(known.len(), 5);
+    assert_eq!(known.len(), 9);
     for m in &known {
         assert!(err.contains(&m.name), "stderr names the known model {}:\n{err}", m.name);
     }
