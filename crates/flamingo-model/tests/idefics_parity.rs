@@ -138,3 +138,33 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Half-precision weight files (as the releases ship bf16) are converted to the run's dtype:
+/// the f16 copy of a fixture loads in f32 and its logits stay within f16 rounding of the
+/// reference's.
+#[test]
+fn half_precision_weight_files_are_converted() {
+    let src = case_dir("idefics_x1");
+    let tmp = tempdir();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.join(f.file_name().unwrap())).unwrap();
+    }
+    let w = tmp.join("model.safetensors");
+    let t = flamingo_model::candle::safetensors::load(&w, &Device::Cpu).unwrap();
+    let half: std::collections::HashMap<String, Tensor> = t.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap())).collect();
+    flamingo_model::candle::safetensors::save(&half, &w).unwrap();
+    let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("expected.json")).unwrap()).unwrap();
+    let tensors = expected_tensors(src.join("expected.safetensors"));
+    let loaded = load(&tmp, &Device::Cpu, DType::F32, &()).unwrap_or_else(|e| panic!("f16 files: {e}"));
+    let m = &loaded.model;
+    let p = &exp["prompts"]["two_images"];
+    let pv = &tensors["two_images.pixel_values"];
+    let (n, c, h, w) = pv.dims4().unwrap();
+    let latents = m.encode_media(&pv.reshape((n, 1, c, h, w)).unwrap(), 0).unwrap();
+    let mut st = m.new_state();
+    m.attach_media(&mut st, &latents).unwrap();
+    let logits = m.forward(&mut [&mut st], &[Input::Prompt(&ids(&p["input_ids"]))], Logits::All).unwrap();
+    let (d, _) = diff(&logits, &tensors["two_images.logits"]);
+    assert!(d > 0.0 && d < 0.1, "f16-rounded weights: max logit diff {d}");
+}
