@@ -75,14 +75,6 @@ pub enum MediaRule {
     ResetAfterEos { media: u32, eos: u32 },
 }
 
-impl MediaRule {
-    pub fn media_token(self) -> u32 {
-        match self {
-            Self::Cumulative { media } | Self::ResetAfterEos { media, .. } => media,
-        }
-    }
-}
-
 /// Optional `DIR/flamingo.toml`: overrides for what is otherwise read or inferred.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

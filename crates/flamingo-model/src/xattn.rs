@@ -31,6 +31,8 @@ pub struct XattnConfig {
     pub dim_visual: usize,
     pub heads: usize,
     pub dim_head: usize,
+    /// Feed-forward width / `dim` (OpenFlamingo's GELU FF); 0 for IDEFICS' SwiGLU, whose width
+    /// is the LM's `intermediate_size` and need not be a multiple.
     pub ff_mult: usize,
 }
 

@@ -111,12 +111,7 @@ cases!(idefics_x1, idefics_x2, idefics_x2_qk);
 /// Load errors name the file and the key.
 #[test]
 fn a_missing_tensor_names_the_key_and_the_file() {
-    let src = case_dir("idefics_x1");
-    let tmp = tempdir();
-    for f in std::fs::read_dir(&src).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, tmp.join(f.file_name().unwrap())).unwrap();
-    }
+    let tmp = copy_case("idefics_x1");
     // Drop one gated block's alpha from the weights.
     let w = tmp.join("model.safetensors");
     let mut t = flamingo_model::candle::safetensors::load(&w, &Device::Cpu).unwrap();
@@ -132,6 +127,16 @@ fn a_missing_tensor_names_the_key_and_the_file() {
     assert!(err.contains("config.json") && err.contains("alpha_type"), "{err}");
 }
 
+/// A scratch copy of a fixture case's directory.
+fn copy_case(case: &str) -> std::path::PathBuf {
+    let tmp = tempdir();
+    for f in std::fs::read_dir(case_dir(case)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.join(f.file_name().unwrap())).unwrap();
+    }
+    tmp
+}
+
 fn tempdir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("idefics-test-{}-{:?}", std::process::id(), std::thread::current().id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -145,11 +150,7 @@ fn tempdir() -> std::path::PathBuf {
 #[test]
 fn half_precision_weight_files_are_converted() {
     let src = case_dir("idefics_x1");
-    let tmp = tempdir();
-    for f in std::fs::read_dir(&src).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, tmp.join(f.file_name().unwrap())).unwrap();
-    }
+    let tmp = copy_case("idefics_x1");
     let w = tmp.join("model.safetensors");
     let t = flamingo_model::candle::safetensors::load(&w, &Device::Cpu).unwrap();
     let half: std::collections::HashMap<String, Tensor> = t.into_iter().map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap())).collect();
