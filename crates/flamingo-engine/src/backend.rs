@@ -4,7 +4,7 @@
 use flamingo_model::{Flamingo, Input, KvBlock, Logits, MediaKv, SequenceState};
 
 use crate::error::BackendError;
-use crate::request::{ModelSpec, PreparedMedia};
+use crate::request::{ModelSpec, PreparedMedia, TokenEvent};
 
 /// What the scheduler needs from a model. A failure is reported to the affected requests
 /// (as the client's mistake when it is [`BackendError::Input`]) and the engine carries on.
@@ -24,6 +24,12 @@ pub trait Backend: Send + 'static {
     fn media_depends_on_position(&self) -> bool;
     fn encode(&self, media: &PreparedMedia, position: usize) -> Result<Self::Media, BackendError>;
     fn media_bytes(&self, media: &Self::Media) -> usize;
+    /// The normalised image embedding of a media item's first frame, for retrieving similar
+    /// demonstrations (see `Flamingo::image_embeddings`). The default: the model has none.
+    fn embed(&self, media: &PreparedMedia) -> Result<Vec<f32>, BackendError> {
+        let _ = media;
+        Err(BackendError::Input("this model has no image embedding".into()))
+    }
     /// Attaches the request's media, in order (cross-attention K/V are computed here, once).
     fn attach(&self, state: &mut Self::State, media: &[&Self::Media]) -> Result<(), BackendError>;
     /// One ragged step: new tokens for each sequence -> last-position logits of each (one row
@@ -35,6 +41,41 @@ pub trait Backend: Send + 'static {
     fn forward_rows(&self, states: &mut [&mut Self::State], inputs: &[Input], argmax: &[bool]) -> Result<Vec<Row>, BackendError> {
         let _ = argmax;
         Ok(self.forward(states, inputs)?.into_iter().map(Row::Logits).collect())
+    }
+    /// Teacher-forced scoring: runs each input (prompt tokens) through its state and returns,
+    /// for every input position `j`, the log-probability of `targets[i][j]` (the token that
+    /// follows) with `top` alternatives. The default steps one token at a time through
+    /// [`Backend::forward`]; a model that can return every position's logits overrides it.
+    fn score(
+        &self,
+        states: &mut [&mut Self::State],
+        inputs: &[Input],
+        targets: &[&[u32]],
+        top: usize,
+    ) -> Result<Vec<Vec<TokenEvent>>, BackendError> {
+        let tokens: Vec<&[u32]> = inputs
+            .iter()
+            .map(|i| match i {
+                Input::Prompt(t) => Ok(*t),
+                Input::Generated(_) => Err(BackendError::Internal("scoring takes prompt inputs".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        let mut out: Vec<Vec<TokenEvent>> = tokens.iter().map(|t| Vec::with_capacity(t.len())).collect();
+        let longest = tokens.iter().map(|t| t.len()).max().unwrap_or(0);
+        for j in 0..longest {
+            let active: Vec<usize> = (0..tokens.len()).filter(|&i| j < tokens[i].len()).collect();
+            let mut st: Vec<&mut Self::State> =
+                states.iter_mut().enumerate().filter(|(i, _)| active.contains(i)).map(|(_, s)| &mut **s).collect();
+            let step: Vec<Input> = active.iter().map(|&i| Input::Prompt(&tokens[i][j..j + 1])).collect();
+            let rows = self.forward(&mut st, &step)?;
+            for (&i, row) in active.iter().zip(rows) {
+                let id =
+                    targets.get(i).and_then(|t| t.get(j)).copied().ok_or_else(|| BackendError::Internal("a target is missing".into()))?;
+                let (logprob, top_logprobs) = flamingo_model::sampling::token_logprobs(&row, id, top);
+                out[i].push(TokenEvent { id, logprob, top_logprobs });
+            }
+        }
+        Ok(out)
     }
     /// A deep copy of a state (beams forking from one parent).
     fn fork(&self, state: &Self::State) -> Result<Self::State, BackendError>;
@@ -103,6 +144,12 @@ impl Backend for Flamingo {
         media.bytes()
     }
 
+    fn embed(&self, media: &PreparedMedia) -> Result<Vec<f32>, BackendError> {
+        let first = media.pixels.narrow(0, 0, 1)?;
+        let e = self.image_embeddings(&first)?.to_vec2::<f32>()?;
+        e.into_iter().next().ok_or_else(|| internal("no embedding"))
+    }
+
     fn attach(&self, state: &mut SequenceState, media: &[&MediaKv]) -> Result<(), BackendError> {
         self.attach_media_kv(state, media).map_err(internal)
     }
@@ -134,6 +181,37 @@ impl Backend for Flamingo {
             } else {
                 out.push(Row::Logits(rows.next().ok_or_else(|| internal("logit rows missing"))?));
             }
+        }
+        Ok(out)
+    }
+
+    fn score(
+        &self,
+        states: &mut [&mut SequenceState],
+        inputs: &[Input],
+        targets: &[&[u32]],
+        top: usize,
+    ) -> Result<Vec<Vec<TokenEvent>>, BackendError> {
+        let logits = Flamingo::forward(self, states, inputs, Logits::All).map_err(internal)?;
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut start = 0;
+        for (input, target) in inputs.iter().zip(targets) {
+            let n = input.len();
+            if target.len() != n {
+                return Err(internal("one target per scored position"));
+            }
+            let mut rows = Vec::with_capacity(n);
+            // A few hundred rows at a time: an echoed prompt's logits need not all be on the host at once.
+            for chunk in (0..n).step_by(256) {
+                let len = (n - chunk).min(256);
+                for (j, row) in logits.narrow(0, start + chunk, len)?.to_vec2::<f32>()?.iter().enumerate() {
+                    let id = target[chunk + j];
+                    let (logprob, top_logprobs) = flamingo_model::sampling::token_logprobs(row, id, top);
+                    rows.push(TokenEvent { id, logprob, top_logprobs });
+                }
+            }
+            start += n;
+            out.push(rows);
         }
         Ok(out)
     }
@@ -184,11 +262,23 @@ impl<B: Backend + Sync> Backend for std::sync::Arc<B> {
     fn media_bytes(&self, media: &Self::Media) -> usize {
         (**self).media_bytes(media)
     }
+    fn embed(&self, media: &PreparedMedia) -> Result<Vec<f32>, BackendError> {
+        (**self).embed(media)
+    }
     fn attach(&self, state: &mut Self::State, media: &[&Self::Media]) -> Result<(), BackendError> {
         (**self).attach(state, media)
     }
     fn forward(&self, states: &mut [&mut Self::State], inputs: &[Input]) -> Result<Vec<Vec<f32>>, BackendError> {
         (**self).forward(states, inputs)
+    }
+    fn score(
+        &self,
+        states: &mut [&mut Self::State],
+        inputs: &[Input],
+        targets: &[&[u32]],
+        top: usize,
+    ) -> Result<Vec<Vec<TokenEvent>>, BackendError> {
+        (**self).score(states, inputs, targets, top)
     }
     fn fork(&self, state: &Self::State) -> Result<Self::State, BackendError> {
         (**self).fork(state)

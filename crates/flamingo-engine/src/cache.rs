@@ -63,6 +63,14 @@ impl<K: Hash + Eq + Clone, V> LruBytes<K, V> {
         evicted
     }
 
+    /// Takes an entry out (no eviction counted): its value and bytes.
+    pub fn remove(&mut self, k: &K) -> Option<(Arc<V>, usize)> {
+        let (v, b, t) = self.map.remove(k)?;
+        self.order.remove(&t);
+        self.bytes -= b;
+        Some((v, b))
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -81,6 +89,63 @@ impl<K: Hash + Eq + Clone, V> LruBytes<K, V> {
 
     pub fn evictions(&self) -> u64 {
         self.evictions
+    }
+}
+
+/// Entries pinned by reference count: never evicted while a holder (a demonstration set) refers
+/// to them. The byte budget is the caller's ([`crate::Scheduler`] checks it before pinning).
+pub struct Pinned<K, V> {
+    map: HashMap<K, (Arc<V>, usize, usize)>,
+    bytes: usize,
+}
+
+impl<K: Hash + Eq + Clone, V> Default for Pinned<K, V> {
+    fn default() -> Self {
+        Self { map: HashMap::new(), bytes: 0 }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V> Pinned<K, V> {
+    pub fn get(&self, k: &K) -> Option<Arc<V>> {
+        self.map.get(k).map(|e| e.0.clone())
+    }
+
+    pub fn contains(&self, k: &K) -> bool {
+        self.map.contains_key(k)
+    }
+
+    /// One more reference to an entry already pinned, else a new entry with one reference.
+    pub fn pin(&mut self, k: K, v: Arc<V>, bytes: usize) {
+        if let Some(e) = self.map.get_mut(&k) {
+            e.2 += 1;
+            return;
+        }
+        self.map.insert(k, (v, bytes, 1));
+        self.bytes += bytes;
+    }
+
+    /// Drops one reference; the last one unpins the entry and returns it with its bytes.
+    pub fn release(&mut self, k: &K) -> Option<(Arc<V>, usize)> {
+        let e = self.map.get_mut(k)?;
+        e.2 -= 1;
+        if e.2 > 0 {
+            return None;
+        }
+        let (v, b, _) = self.map.remove(k)?;
+        self.bytes -= b;
+        Some((v, b))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 
@@ -109,5 +174,20 @@ mod tests {
         c.insert("d", Arc::new(6), 95);
         assert!(!c.contains(&"c"));
         assert_eq!(*held, 3);
+        assert_eq!(c.remove(&"d").map(|(v, b)| (*v, b)), Some((6, 95)));
+        assert_eq!((c.bytes(), c.evictions()), (10, 2));
+    }
+
+    #[test]
+    fn pinned_entries_live_until_their_last_reference_goes() {
+        let mut p = Pinned::default();
+        p.pin("a", Arc::new(1), 40);
+        p.pin("a", Arc::new(9), 40);
+        p.pin("b", Arc::new(2), 10);
+        assert_eq!((p.bytes(), p.len()), (50, 2), "a second reference adds no bytes");
+        assert!(p.release(&"a").is_none(), "one reference is left");
+        assert_eq!(p.get(&"a").map(|v| *v), Some(1));
+        assert_eq!(p.release(&"a").map(|(v, b)| (*v, b)), Some((1, 40)));
+        assert_eq!((p.bytes(), p.contains(&"a"), p.release(&"a").is_none()), (10, false, true));
     }
 }

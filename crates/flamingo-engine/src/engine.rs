@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 
 use crate::backend::Backend;
 use crate::error::{EngineError, RequestError};
 use crate::metrics as m;
-use crate::request::{Event, ModelSpec, SamplingParams, ValidRequest};
+use crate::request::{Event, ModelSpec, PreparedMedia, SamplingParams, ValidRequest};
 use crate::scheduler::Scheduler;
 pub use crate::scheduler::SchedulerConfig as EngineConfig;
 
@@ -20,6 +21,10 @@ pub type EventStream = UnboundedReceiver<Event>;
 
 enum Command {
     Submit(ValidRequest, UnboundedSender<Event>),
+    /// Releases a pinned set; answers whether it was pinned.
+    Unpin(String, oneshot::Sender<bool>),
+    /// Image embeddings of media (between steps, on the model's thread).
+    Embed(Vec<PreparedMedia>, oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>),
     Shutdown,
 }
 
@@ -32,6 +37,12 @@ pub struct EngineStats {
     pub cancelled: AtomicUsize,
     /// Sequences finished (stop or length) so far.
     pub finished: AtomicUsize,
+    /// Prompt tokens computed so far (prefix-cache hits excluded).
+    pub prefill_tokens: AtomicUsize,
+    /// Bytes pinned by demonstration sets after the last step.
+    pub pinned_bytes: AtomicUsize,
+    /// Pinned sets after the last step.
+    pub pinned_sets: AtomicUsize,
 }
 
 pub struct Engine {
@@ -78,7 +89,7 @@ impl Engine {
     /// `Overloaded` when the waiting queue is full, and with a [`RequestError`] when the
     /// request is larger than the KV budget.
     pub fn submit(&self, req: ValidRequest) -> Result<EventStream, EngineError> {
-        self.check_budget(req.prompt.len(), &req.sampling, req.stop.max_new_tokens)?;
+        req.check_budget(&self.spec, self.kv_budget_bytes)?;
         let n = self.waiting.fetch_add(1, Ordering::SeqCst);
         if n >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -91,6 +102,22 @@ impl Engine {
             return Err(EngineError::Stopped);
         }
         Ok(erx)
+    }
+
+    /// Releases a pinned set (its blocks and media become ordinary cache entries). Returns
+    /// whether the engine had it pinned.
+    pub async fn unpin(&self, set: &str) -> Result<bool, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Unpin(set.to_string(), tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// The normalised image embedding of each media item's first frame (computed on the
+    /// engine's thread between steps).
+    pub async fn embed(&self, media: Vec<PreparedMedia>) -> Result<Vec<Vec<f32>>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Embed(media, tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// This engine's counters.
@@ -152,11 +179,21 @@ fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting
         stats.running.store(sched.running_len(), Ordering::SeqCst);
         stats.cancelled.fetch_add(report.cancelled, Ordering::SeqCst);
         stats.finished.fetch_add(report.finished, Ordering::SeqCst);
+        stats.prefill_tokens.fetch_add(report.prefill_tokens, Ordering::SeqCst);
+        stats.pinned_bytes.store(sched.pinned_bytes(), Ordering::SeqCst);
+        stats.pinned_sets.store(sched.pinned_sets().len(), Ordering::SeqCst);
     }
 }
 
 fn handle<B: Backend>(sched: &mut Scheduler<B>, cmd: Command, waiting: &AtomicUsize, shutting_down: &mut bool) {
     match cmd {
+        Command::Unpin(set, tx) => {
+            let _ = tx.send(sched.unpin(&set));
+        }
+        Command::Embed(media, tx) => {
+            let out = media.iter().map(|m| sched.backend().embed(m).map_err(EngineError::from)).collect();
+            let _ = tx.send(out);
+        }
         Command::Submit(req, tx) => {
             let refused = if *shutting_down { Err(EngineError::Stopped) } else { sched.submit(req, tx.clone()).map(|_| ()) };
             if let Err(e) = refused {

@@ -20,6 +20,9 @@ pub enum RequestError {
          more than this server's budget of {budget} bytes"
     )]
     OverBudget { prompt_tokens: usize, max_new_tokens: usize, beams: usize, new_tokens: usize, need: usize, budget: usize },
+    /// Pinning would take the pinned bytes over their budget.
+    #[error("pinning needs {need} more bytes, but only {free} of the {budget} bytes for pinned demonstration sets are free")]
+    PinnedBudget { need: usize, free: usize, budget: usize },
     /// The model cannot take one of the request's media (e.g. too many frames).
     #[error("{0}")]
     Media(String),

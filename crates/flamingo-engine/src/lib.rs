@@ -30,11 +30,11 @@ mod scheduler;
 mod sequence;
 
 pub use backend::{Backend, Row};
-pub use cache::LruBytes;
+pub use cache::{LruBytes, Pinned};
 pub use engine::{on_compute_pool, Engine, EngineConfig, EngineStats, EventStream};
 pub use error::{BackendError, EngineError, RequestError};
 pub use prefix::BlockHash;
 pub use request::{
-    media_key, Event, MediaKey, ModelSpec, PreparedMedia, SamplingParams, StopParams, TokenEvent, Usage, ValidRequest, MAX_BEAMS,
+    media_key, Event, MediaKey, ModelSpec, PreparedMedia, SamplingParams, StopParams, Task, TokenEvent, Usage, ValidRequest, MAX_BEAMS,
 };
 pub use scheduler::{Scheduler, SchedulerConfig, StepReport};

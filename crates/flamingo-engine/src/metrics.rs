@@ -17,6 +17,9 @@ pub const CACHE_QUERIES: &str = "flamingo_cache_queries_total";
 pub const CACHE_HITS: &str = "flamingo_cache_hits_total";
 pub const CACHE_BYTES: &str = "flamingo_cache_bytes";
 pub const CACHE_EVICTIONS: &str = "flamingo_cache_evictions_total";
+pub const PINNED_BYTES: &str = "flamingo_pinned_bytes";
+pub const PINNED_SETS: &str = "flamingo_pinned_sets";
+pub const SCORED_TOKENS: &str = "flamingo_scored_tokens_total";
 
 /// Label values of the `cache` label.
 pub const VISION_CACHE: &str = "vision";
@@ -41,4 +44,11 @@ pub fn describe() {
     describe_counter!(CACHE_HITS, "Cache hits, by cache (vision: images; prefix: blocks)");
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Bytes held by each cache");
     describe_counter!(CACHE_EVICTIONS, "Entries evicted from each cache");
+    describe_gauge!(
+        PINNED_BYTES,
+        Unit::Bytes,
+        "Bytes pinned by demonstration sets (prefix K/V blocks and image cross-attention K/V), outside both caches"
+    );
+    describe_gauge!(PINNED_SETS, "Demonstration sets pinned in the engine");
+    describe_counter!(SCORED_TOKENS, "Candidate tokens scored after their prompt (not counted as prefill)");
 }

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::cache::LruBytes;
+use crate::cache::{LruBytes, Pinned};
 use crate::metrics as m;
 use crate::request::MediaKey;
 
@@ -132,6 +132,15 @@ impl Child {
     }
 }
 
+/// Why [`PrefixCache::pin`] pinned nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinError {
+    /// The blocks would add this many bytes, more than were free.
+    Budget(usize),
+    /// A block's K/V could not be copied out of the sequence.
+    Snapshot,
+}
+
 /// What a lookup found: whole cached blocks, then possibly the head of one more.
 pub struct Hit<B> {
     pub blocks: Vec<Arc<B>>,
@@ -149,9 +158,11 @@ impl<B> Hit<B> {
 }
 
 /// The prefix KV cache. Records its own metrics (queries, hits, evictions, bytes) under the
-/// `prefix` cache label.
+/// `prefix` cache label. Pinned blocks (demonstration sets) are looked up first and never
+/// evicted; an unpinned block moves to the LRU map.
 pub struct PrefixCache<B> {
     blocks: LruBytes<BlockHash, B>,
+    pinned: Pinned<BlockHash, B>,
     /// Cached blocks by parent hash ([`ROOT`] for a prompt's first block).
     children: HashMap<BlockHash, Vec<Child>>,
     block_size: usize,
@@ -161,7 +172,104 @@ pub struct PrefixCache<B> {
 impl<B> PrefixCache<B> {
     /// A cache of `capacity` bytes for prompts whose images are introduced by `media_token`.
     pub fn new(block_size: usize, capacity: usize, media_token: Option<u32>) -> Self {
-        Self { blocks: LruBytes::new(capacity), children: HashMap::new(), block_size: block_size.max(1), media_token }
+        Self {
+            blocks: LruBytes::new(capacity),
+            pinned: Pinned::default(),
+            children: HashMap::new(),
+            block_size: block_size.max(1),
+            media_token,
+        }
+    }
+
+    /// A block by hash: pinned, else from the LRU map (marked recently used).
+    fn get(&mut self, h: &BlockHash) -> Option<Arc<B>> {
+        self.pinned.get(h).or_else(|| self.blocks.get(h))
+    }
+
+    /// The pinned blocks.
+    pub fn pinned(&self) -> &Pinned<BlockHash, B> {
+        &self.pinned
+    }
+
+    /// Pins every block of `prompt`, one reference each: blocks already pinned gain a
+    /// reference, cached ones move out of the LRU map, the others come from `snapshot` (as in
+    /// [`Self::donate`]; `None` fails the pin). Adds at most `free` bytes: otherwise nothing
+    /// changes and `Err(need)` tells the bytes it would have added. Returns the hashes pinned
+    /// (for [`Self::unpin`]) and the bytes added.
+    pub fn pin(
+        &mut self,
+        prompt: &PromptBlocks,
+        free: usize,
+        mut snapshot: impl FnMut(usize, usize, usize) -> Option<(B, usize)>,
+    ) -> Result<(Vec<BlockHash>, usize), PinError> {
+        let mut new: Vec<(usize, Arc<B>, usize, bool)> = Vec::new();
+        let mut before = Vec::new();
+        for (b, hash) in prompt.hashes.iter().enumerate() {
+            if self.pinned.contains(hash) {
+                before.push(*hash);
+                continue;
+            }
+            if let Some((block, bytes)) = self.blocks.remove(hash) {
+                new.push((b, block, bytes, true));
+                continue;
+            }
+            let keys = prompt.media[b].len();
+            match snapshot(b * self.block_size, prompt.tokens_of(b).len(), keys) {
+                Some((block, bytes)) => new.push((b, Arc::new(block), bytes, false)),
+                None => {
+                    self.restore_lru(prompt, new);
+                    return Err(PinError::Snapshot);
+                }
+            }
+        }
+        let need: usize = new.iter().map(|n| n.2).sum();
+        if need > free {
+            self.restore_lru(prompt, new);
+            return Err(PinError::Budget(need));
+        }
+        for (b, block, bytes, _) in new {
+            self.pinned.pin(prompt.hashes[b], block, bytes);
+            self.index(prompt, b);
+        }
+        for hash in before {
+            if let Some(block) = self.pinned.get(&hash) {
+                self.pinned.pin(hash, block, 0);
+            }
+        }
+        metrics::gauge!(m::CACHE_BYTES, "cache" => m::PREFIX_CACHE).set(self.blocks.bytes() as f64);
+        Ok((prompt.hashes.clone(), need))
+    }
+
+    /// Puts blocks a failed pin took out of the LRU map back.
+    fn restore_lru(&mut self, prompt: &PromptBlocks, taken: Vec<(usize, Arc<B>, usize, bool)>) {
+        for (b, block, bytes, from_lru) in taken {
+            if from_lru {
+                self.blocks.insert(prompt.hashes[b], block, bytes);
+            }
+        }
+    }
+
+    /// Drops one pin reference of each block; a block no longer pinned moves to the LRU map.
+    pub fn unpin(&mut self, hashes: &[BlockHash]) {
+        for h in hashes {
+            if let Some((block, bytes)) = self.pinned.release(h) {
+                let evicted = self.blocks.insert(*h, block, bytes);
+                metrics::counter!(m::CACHE_EVICTIONS, "cache" => m::PREFIX_CACHE).increment(evicted as u64);
+            }
+        }
+        metrics::gauge!(m::CACHE_BYTES, "cache" => m::PREFIX_CACHE).set(self.blocks.bytes() as f64);
+    }
+
+    /// Indexes block `b` of `prompt` under its parent (for partial hits).
+    fn index(&mut self, prompt: &PromptBlocks, b: usize) {
+        let hash = prompt.hashes[b];
+        let kids = self.children.entry(prompt.parent_of(b)).or_default();
+        kids.retain(|c| c.hash != hash);
+        if kids.len() >= MAX_CHILDREN {
+            kids.remove(0);
+        }
+        let keys = &prompt.keys[prompt.media[b].clone()];
+        kids.push(Child { hash, tokens: prompt.tokens_of(b).to_vec(), keys: keys.to_vec() });
     }
 
     /// Cuts a prompt into this cache's blocks.
@@ -183,7 +291,7 @@ impl<B> PrefixCache<B> {
         let mut blocks = Vec::new();
         for h in prompt.hashes.iter().take(limit / self.block_size) {
             metrics::counter!(m::CACHE_QUERIES, "cache" => m::PREFIX_CACHE).increment(1);
-            match self.blocks.get(h) {
+            match self.get(h) {
                 Some(b) => {
                     metrics::counter!(m::CACHE_HITS, "cache" => m::PREFIX_CACHE).increment(1);
                     blocks.push(b);
@@ -199,7 +307,7 @@ impl<B> PrefixCache<B> {
         let mut head = None;
         if let Some((hash, rows, media)) = self.best_child(&parent, rest, rest_keys) {
             metrics::counter!(m::CACHE_QUERIES, "cache" => m::PREFIX_CACHE).increment(1);
-            if let Some(b) = self.blocks.get(&hash).and_then(|b| cut(&b, rows, media)) {
+            if let Some(b) = self.get(&hash).and_then(|b| cut(&b, rows, media)) {
                 metrics::counter!(m::CACHE_HITS, "cache" => m::PREFIX_CACHE).increment(1);
                 head = Some(b);
                 tokens += rows;
@@ -211,9 +319,9 @@ impl<B> PrefixCache<B> {
     /// The cached child of `parent` sharing the longest prefix with `rest`: `(hash, rows, media
     /// tokens in those rows)`. Forgets children that were evicted.
     fn best_child(&mut self, parent: &BlockHash, rest: &[u32], keys: &[MediaKey]) -> Option<(BlockHash, usize, usize)> {
-        let blocks = &self.blocks;
+        let (blocks, pinned) = (&self.blocks, &self.pinned);
         let kids = self.children.get_mut(parent)?;
-        kids.retain(|c| blocks.contains(&c.hash));
+        kids.retain(|c| pinned.contains(&c.hash) || blocks.contains(&c.hash));
         let mut best: Option<(BlockHash, usize, usize)> = None;
         for c in kids.iter() {
             let (rows, media) = c.shared(rest, keys, self.media_token);
@@ -236,20 +344,14 @@ impl<B> PrefixCache<B> {
             return;
         }
         for (b, hash) in prompt.hashes.iter().enumerate() {
-            if self.blocks.get(hash).is_some() {
+            if self.get(hash).is_some() {
                 continue;
             }
-            let tokens = prompt.tokens_of(b);
-            let keys = &prompt.keys[prompt.media[b].clone()];
-            let Some((block, bytes)) = snapshot(b * self.block_size, tokens.len(), keys.len()) else { continue };
+            let len = prompt.tokens_of(b).len();
+            let Some((block, bytes)) = snapshot(b * self.block_size, len, prompt.media[b].len()) else { continue };
             let evicted = self.blocks.insert(*hash, Arc::new(block), bytes);
             metrics::counter!(m::CACHE_EVICTIONS, "cache" => m::PREFIX_CACHE).increment(evicted as u64);
-            let kids = self.children.entry(prompt.parent_of(b)).or_default();
-            kids.retain(|c| c.hash != *hash);
-            if kids.len() >= MAX_CHILDREN {
-                kids.remove(0);
-            }
-            kids.push(Child { hash: *hash, tokens: tokens.to_vec(), keys: keys.to_vec() });
+            self.index(prompt, b);
         }
         metrics::gauge!(m::CACHE_BYTES, "cache" => m::PREFIX_CACHE).set(self.blocks.bytes() as f64);
     }

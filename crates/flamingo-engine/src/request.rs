@@ -92,13 +92,34 @@ impl ModelSpec {
     }
 }
 
-/// A request the engine accepts: built only through [`ValidRequest::new`], which checks it.
+/// What a request asks of the engine once its prompt is in the KV cache.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// Generate tokens (sampling, greedy or beams).
+    Generate,
+    /// The log-probability of every token of each continuation after the prompt, as one
+    /// forward over prompt + continuation gives it (teacher forcing): the prompt is computed
+    /// once and the continuations are scored together in one batch.
+    Score {
+        continuations: Vec<Vec<u32>>,
+        /// Alternatives reported per scored token.
+        top_logprobs: usize,
+    },
+    /// Compute the prompt and pin its prefix blocks and its media's cross-attention K/V under
+    /// this id: exempt from LRU eviction until [`Engine::unpin`](crate::Engine::unpin), counted
+    /// against the pinned byte budget.
+    Pin(String),
+}
+
+/// A request the engine accepts: built only through [`ValidRequest::new`],
+/// [`ValidRequest::score`] or [`ValidRequest::pin`], which check it.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
     pub(crate) prompt: Vec<u32>,
     pub(crate) media: Vec<PreparedMedia>,
     pub(crate) sampling: SamplingParams,
     pub(crate) stop: StopParams,
+    pub(crate) task: Task,
 }
 
 impl ValidRequest {
@@ -132,7 +153,79 @@ impl ValidRequest {
             return Err(RequestError::Sampling(format!("num_beams must be at most {MAX_BEAMS}")));
         }
         sampling.strategy.check().map_err(RequestError::Sampling)?;
-        Ok(Self { prompt, media, sampling, stop })
+        Ok(Self { prompt, media, sampling, stop, task: Task::Generate })
+    }
+
+    /// A scoring request: the log-probabilities of each continuation's tokens after `prompt`.
+    /// A continuation may hold `<image>` tokens (the echo of a prompt): the media count is
+    /// checked against the prompt's and each continuation's together.
+    pub fn score(
+        prompt: Vec<u32>,
+        media: Vec<PreparedMedia>,
+        continuations: Vec<Vec<u32>>,
+        top_logprobs: usize,
+        spec: &ModelSpec,
+    ) -> Result<Self, RequestError> {
+        if continuations.is_empty() || continuations.iter().any(|c| c.is_empty()) {
+            return Err(RequestError::Sampling("every candidate needs at least one token".into()));
+        }
+        let count = |t: &[u32]| spec.media_token_id.map_or(0, |mt| t.iter().filter(|&&x| x == mt).count());
+        for c in &continuations {
+            let tokens = count(&prompt) + count(c);
+            if tokens != media.len() {
+                return Err(RequestError::MediaCount { tokens, media: media.len() });
+            }
+            if let Some(&t) = c.iter().find(|&&t| t as usize >= spec.vocab_size) {
+                return Err(RequestError::UnknownToken(t));
+            }
+        }
+        // The prompt's own checks (not empty, ids in the vocabulary); its media were counted above.
+        let text_only = ModelSpec { media_token_id: None, ..*spec };
+        let mut req =
+            Self::new(prompt, Vec::new(), SamplingParams::default(), StopParams { max_new_tokens: 1, stop_token_ids: vec![] }, &text_only)?;
+        req.media = media;
+        req.task = Task::Score { continuations, top_logprobs };
+        Ok(req)
+    }
+
+    /// A request that computes `prompt` and pins it (and its media) under `id`.
+    pub fn pin(id: String, prompt: Vec<u32>, media: Vec<PreparedMedia>, spec: &ModelSpec) -> Result<Self, RequestError> {
+        let mut req = Self::new(prompt, media, SamplingParams::default(), StopParams { max_new_tokens: 1, stop_token_ids: vec![] }, spec)?;
+        req.task = Task::Pin(id);
+        Ok(req)
+    }
+
+    /// Refuses a request whose KV reservation ([`Self::kv_tokens`]) is larger than `budget`.
+    pub(crate) fn check_budget(&self, spec: &ModelSpec, budget: usize) -> Result<(), RequestError> {
+        let need = self.kv_tokens().saturating_mul(spec.kv_bytes_per_token);
+        if need <= budget {
+            return Ok(());
+        }
+        let beams = self.sampling.strategy.rows();
+        Err(RequestError::OverBudget {
+            prompt_tokens: self.prompt.len(),
+            max_new_tokens: self.stop.max_new_tokens,
+            beams,
+            new_tokens: self.kv_tokens() - self.prompt.len(),
+            need,
+            budget,
+        })
+    }
+
+    pub fn task(&self) -> &Task {
+        &self.task
+    }
+
+    /// Positions of KV cache the request may hold at once: its prompt and every beam's new
+    /// tokens; a scoring request's prompt once per continuation (each is scored on its own
+    /// copy of the prompt's state) plus the continuations.
+    pub fn kv_tokens(&self) -> usize {
+        let p = self.prompt.len();
+        match &self.task {
+            Task::Generate => p.saturating_add(self.sampling.strategy.rows().saturating_mul(self.stop.max_new_tokens)),
+            Task::Score { continuations, .. } => continuations.iter().fold(p, |acc, c| acc.saturating_add(p).saturating_add(c.len())),
+            Task::Pin(_) => p,
+        }
     }
 
     pub fn prompt(&self) -> &[u32] {
@@ -176,6 +269,17 @@ pub enum Event {
     Token(TokenEvent),
     Finished {
         reason: FinishReason,
+        usage: Usage,
+    },
+    /// A scoring request's result (its last event): per continuation, each token with its
+    /// log-probability and alternatives.
+    Scored {
+        scores: Vec<Vec<TokenEvent>>,
+        usage: Usage,
+    },
+    /// A pin request's result (its last event): the bytes newly pinned for it.
+    Pinned {
+        bytes: usize,
         usage: Usage,
     },
     /// The request failed in the engine; nothing more follows.

@@ -14,7 +14,7 @@
 //!    over the whole vocabulary), beam searches advance;
 //! 7. **finish**: finished and cancelled sequences leave, their reservations are released.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,11 +22,11 @@ use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{Backend, Row};
-use crate::cache::LruBytes;
-use crate::error::EngineError;
+use crate::cache::{LruBytes, Pinned};
+use crate::error::{EngineError, RequestError};
 use crate::metrics as m;
-use crate::prefix::{BlockHash, PrefixCache};
-use crate::request::{Event, MediaKey, ModelSpec, TokenEvent, ValidRequest};
+use crate::prefix::{BlockHash, PinError, PrefixCache};
+use crate::request::{Event, MediaKey, ModelSpec, Task, TokenEvent, Usage, ValidRequest};
 use crate::sequence::{Outcome, Sequence, Waiting, Work};
 
 /// Limits of the scheduler.
@@ -45,6 +45,9 @@ pub struct SchedulerConfig {
     pub vision_cache_bytes: usize,
     /// 0 turns the prefix cache off (nothing is copied into it).
     pub prefix_cache_bytes: usize,
+    /// Bytes that pinned demonstration sets may hold (their prefix blocks and their media's
+    /// cross-attention K/V), apart from both caches.
+    pub pinned_bytes: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -57,6 +60,7 @@ impl Default for SchedulerConfig {
             block_size: 16,
             vision_cache_bytes: 512 << 20,
             prefix_cache_bytes: 1 << 30,
+            pinned_bytes: 256 << 20,
         }
     }
 }
@@ -79,6 +83,15 @@ pub struct StepReport {
 /// grow by doubling).
 const RESERVE_GENERATED: usize = 64;
 
+/// What one pinned set holds a reference to.
+#[derive(Debug, Default)]
+struct SetPins {
+    set: String,
+    media: Vec<(MediaKey, usize)>,
+    blocks: Vec<BlockHash>,
+    bytes: usize,
+}
+
 pub struct Scheduler<B: Backend> {
     backend: B,
     spec: ModelSpec,
@@ -86,7 +99,13 @@ pub struct Scheduler<B: Backend> {
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence<B::State>>,
     vision: LruBytes<(MediaKey, usize), B::Media>,
+    /// Media of pinned sets (looked up before the vision cache).
+    pinned_media: Pinned<(MediaKey, usize), B::Media>,
     prefix: PrefixCache<B::Block>,
+    /// Pinned sets by id.
+    sets: HashMap<String, SetPins>,
+    /// Pin requests admitted and not yet done, by sequence id: the media they pinned so far.
+    pending_pins: HashMap<u64, SetPins>,
     reserved: usize,
     next_id: u64,
 }
@@ -96,7 +115,51 @@ impl<B: Backend> Scheduler<B> {
         let spec = backend.spec();
         let vision = LruBytes::new(cfg.vision_cache_bytes);
         let prefix = PrefixCache::new(cfg.block_size, cfg.prefix_cache_bytes, spec.media_token_id);
-        Self { backend, spec, cfg, waiting: VecDeque::new(), running: Vec::new(), vision, prefix, reserved: 0, next_id: 0 }
+        Self {
+            backend,
+            spec,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            vision,
+            pinned_media: Pinned::default(),
+            prefix,
+            sets: HashMap::new(),
+            pending_pins: HashMap::new(),
+            reserved: 0,
+            next_id: 0,
+        }
+    }
+
+    /// Bytes held by pinned sets (prefix blocks and media; shared ones counted once).
+    pub fn pinned_bytes(&self) -> usize {
+        self.prefix.pinned().bytes() + self.pinned_media.bytes()
+    }
+
+    /// Ids of the pinned sets.
+    pub fn pinned_sets(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.sets.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Releases a pinned set: its blocks and media are no longer pinned by it (those no other
+    /// set pins move to the LRU caches). Returns whether it was pinned.
+    pub fn unpin(&mut self, set: &str) -> bool {
+        let Some(p) = self.sets.remove(set) else { return false };
+        self.release(p);
+        self.publish_pins();
+        true
+    }
+
+    fn release(&mut self, p: SetPins) {
+        self.prefix.unpin(&p.blocks);
+        release_media(&mut self.pinned_media, &mut self.vision, &p.media);
+    }
+
+    fn publish_pins(&self) {
+        metrics::gauge!(m::PINNED_BYTES).set(self.pinned_bytes() as f64);
+        metrics::gauge!(m::PINNED_SETS).set(self.sets.len() as f64);
     }
 
     pub fn backend(&self) -> &B {
@@ -149,13 +212,13 @@ impl<B: Backend> Scheduler<B> {
 
     /// The KV bytes `req` reserves while it runs.
     fn reservation(&self, req: &ValidRequest) -> usize {
-        self.spec.kv_reservation(req.prompt.len(), &req.sampling, req.stop.max_new_tokens)
+        req.kv_tokens().saturating_mul(self.spec.kv_bytes_per_token)
     }
 
     /// Queues a request. Fails at once with `Overloaded` when the waiting queue is full, and
     /// with [`RequestError::OverBudget`](crate::RequestError::OverBudget) when the request could never be admitted.
     pub fn submit(&mut self, req: ValidRequest, tx: UnboundedSender<Event>) -> Result<u64, EngineError> {
-        self.spec.check_budget(req.prompt.len(), &req.sampling, req.stop.max_new_tokens, self.cfg.kv_budget_bytes)?;
+        req.check_budget(&self.spec, self.cfg.kv_budget_bytes)?;
         if self.waiting.len() >= self.cfg.max_waiting {
             metrics::counter!(m::REJECTIONS).increment(1);
             return Err(EngineError::Overloaded(self.waiting.len()));
@@ -186,8 +249,24 @@ impl<B: Backend> Scheduler<B> {
         self.donate(&work);
         let outcomes = self.pick(&work, rows);
         self.finish(&outcomes, &mut report);
+        self.drop_stale_pins();
         self.publish_gauges();
         report
+    }
+
+    /// Media pinned by pin requests that left without finishing (cancelled, failed) are
+    /// released.
+    fn drop_stale_pins(&mut self) {
+        if self.pending_pins.is_empty() {
+            return;
+        }
+        let stale: Vec<u64> = self.pending_pins.keys().copied().filter(|id| !self.running.iter().any(|s| s.id == *id)).collect();
+        for id in stale {
+            if let Some(p) = self.pending_pins.remove(&id) {
+                self.release(p);
+            }
+        }
+        self.publish_pins();
     }
 
     /// Phase 1: a dropped event stream frees its request now.
@@ -221,6 +300,13 @@ impl<B: Backend> Scheduler<B> {
             let Some(w) = self.waiting.pop_front() else { break };
             report.left_waiting += 1;
             let tx = w.tx.clone();
+            if let Task::Pin(set) = &w.req.task {
+                if self.sets.contains_key(set) {
+                    let usage = Usage { prompt_tokens: w.req.prompt.len(), completion_tokens: 0, cached_tokens: w.req.prompt.len() };
+                    let _ = tx.send(Event::Pinned { bytes: 0, usage });
+                    continue;
+                }
+            }
             match self.start(w, need) {
                 Ok(seq) => {
                     self.reserved += need;
@@ -238,6 +324,9 @@ impl<B: Backend> Scheduler<B> {
     /// and attached, its cached prefix restored.
     fn start(&mut self, w: Waiting, reserved: usize) -> Result<Sequence<B::State>, EngineError> {
         let media = self.encode_media(&w.req)?;
+        if let Task::Pin(set) = &w.req.task {
+            self.pin_media(w.id, set, &w.req, &media)?;
+        }
         let mut state = self.backend.new_state();
         let refs: Vec<&B::Media> = media.iter().map(|a| a.as_ref()).collect();
         self.backend.attach(&mut state, &refs)?;
@@ -251,13 +340,46 @@ impl<B: Backend> Scheduler<B> {
         Ok(Sequence::new(w, state, hit.tokens, blocks, reserved))
     }
 
-    /// Each media item of `req`, from the vision cache or encoded (and cached).
-    fn encode_media(&mut self, req: &ValidRequest) -> Result<Vec<Arc<B::Media>>, EngineError> {
+    /// A pin request's media pinned at admission (one reference each, as a pending pin until
+    /// its prompt is done), within the pinned budget.
+    fn pin_media(&mut self, id: u64, set: &str, req: &ValidRequest, media: &[Arc<B::Media>]) -> Result<(), EngineError> {
+        let keys = self.media_keys(req);
+        let mut need = 0;
+        let mut seen = std::collections::HashSet::new();
+        for (k, m) in keys.iter().zip(media) {
+            if !self.pinned_media.contains(k) && seen.insert(*k) {
+                need += self.backend.media_bytes(m);
+            }
+        }
+        let free = self.cfg.pinned_bytes.saturating_sub(self.pinned_bytes());
+        if need > free {
+            return Err(RequestError::PinnedBudget { need, free, budget: self.cfg.pinned_bytes }.into());
+        }
+        for (k, m) in keys.iter().zip(media) {
+            let bytes = self.backend.media_bytes(m);
+            self.pinned_media.pin(*k, m.clone(), bytes);
+        }
+        self.pending_pins.insert(id, SetPins { set: set.to_string(), media: keys, blocks: Vec::new(), bytes: need });
+        Ok(())
+    }
+
+    /// The vision-cache keys of a request's media (with their position when encodings depend on it).
+    fn media_keys(&self, req: &ValidRequest) -> Vec<(MediaKey, usize)> {
         let by_pos = self.backend.media_depends_on_position();
+        req.media.iter().enumerate().map(|(i, item)| (item.key, if by_pos { i } else { 0 })).collect()
+    }
+
+    /// Each media item of `req`: pinned, else from the vision cache, else encoded (and cached).
+    fn encode_media(&mut self, req: &ValidRequest) -> Result<Vec<Arc<B::Media>>, EngineError> {
+        let keys = self.media_keys(req);
         let mut out = Vec::with_capacity(req.media.len());
-        for (i, item) in req.media.iter().enumerate() {
-            let key = (item.key, if by_pos { i } else { 0 });
+        for (i, (item, key)) in req.media.iter().zip(keys).enumerate() {
             metrics::counter!(m::CACHE_QUERIES, "cache" => m::VISION_CACHE).increment(1);
+            if let Some(e) = self.pinned_media.get(&key) {
+                metrics::counter!(m::CACHE_HITS, "cache" => m::VISION_CACHE).increment(1);
+                out.push(e);
+                continue;
+            }
             let enc = match self.vision.get(&key) {
                 Some(e) => {
                     metrics::counter!(m::CACHE_HITS, "cache" => m::VISION_CACHE).increment(1);
@@ -310,7 +432,7 @@ impl<B: Backend> Scheduler<B> {
                 Work::Decode(n) => report.decode_tokens += n,
             }
             report.batch.push((s.id, w.tokens()));
-            let only_argmax = s.picks_argmax() || matches!(w, Work::Prefill(n) if n < s.prompt_left());
+            let only_argmax = s.picks_argmax() || matches!(w, Work::Prefill(n) if n < s.prompt_left() || s.is_pin());
             let before = inputs.len();
             s.inputs(w, &mut states, &mut inputs);
             argmax.resize(argmax.len() + inputs.len() - before, only_argmax);
@@ -359,12 +481,43 @@ impl<B: Backend> Scheduler<B> {
             }
             let backend = &self.backend;
             let state = &s.state;
-            self.prefix.donate(&s.blocks, |start, len, media| {
+            let snapshot = |start, len, media| {
                 let block = backend.snapshot(state, start, len, media).ok()?;
                 let bytes = backend.block_bytes(&block);
                 Some((block, bytes))
-            });
+            };
+            let Some(mut pins) = self.pending_pins.remove(&s.id) else {
+                self.prefix.donate(&s.blocks, snapshot);
+                continue;
+            };
+            if self.sets.contains_key(&pins.set) {
+                // Another request pinned the same set meanwhile: this one holds nothing.
+                s.pinned = Some(Ok(0));
+                release_media(&mut self.pinned_media, &mut self.vision, &pins.media);
+                continue;
+            }
+            let used = self.prefix.pinned().bytes() + self.pinned_media.bytes();
+            let free = self.cfg.pinned_bytes.saturating_sub(used);
+            match self.prefix.pin(&s.blocks, free, snapshot) {
+                Ok((hashes, added)) => {
+                    pins.blocks = hashes;
+                    pins.bytes += added;
+                    s.pinned = Some(Ok(pins.bytes));
+                    self.sets.insert(pins.set.clone(), pins);
+                }
+                Err(e) => {
+                    release_media(&mut self.pinned_media, &mut self.vision, &pins.media);
+                    s.pinned = Some(Err(match e {
+                        PinError::Budget(need) => {
+                            RequestError::PinnedBudget { need: need + pins.bytes, free: free + pins.bytes, budget: self.cfg.pinned_bytes }
+                                .into()
+                        }
+                        PinError::Snapshot => EngineError::Internal("the prompt's K/V could not be copied for pinning".into()),
+                    }));
+                }
+            }
         }
+        self.publish_pins();
     }
 
     /// Phase 6: sequences with new logits take their token (in parallel), beam searches
@@ -386,7 +539,7 @@ impl<B: Backend> Scheduler<B> {
             .par_iter_mut()
             .zip(rows.par_iter().zip(takes.par_iter()))
             .map(|(s, (r, &take))| match r.first() {
-                Some(row) if take && !s.is_beam_search() => Some(s.pick_row(row)),
+                Some(row) if take && !s.is_beam_search() && s.generates() => Some(s.pick_row(row)),
                 _ => None,
             })
             .collect();
@@ -394,6 +547,14 @@ impl<B: Backend> Scheduler<B> {
         let mut outcomes = vec![Outcome::Running; self.running.len()];
         for (i, (s, picked)) in self.running.iter_mut().zip(picks).enumerate() {
             if !takes[i] {
+                continue;
+            }
+            if !s.generates() {
+                outcomes[i] = match rows[i].first() {
+                    _ if s.is_pin() => s.finish_pin(),
+                    Some(Row::Logits(row)) => s.score(&self.backend, row),
+                    _ => s.fail(EngineError::Internal("no logits for a scoring request".into())),
+                };
                 continue;
             }
             outcomes[i] = if s.is_beam_search() {
@@ -438,5 +599,14 @@ impl<B: Backend> Scheduler<B> {
         metrics::gauge!(m::WAITING).set(self.waiting.len() as f64);
         metrics::gauge!(m::RUNNING).set(self.running.len() as f64);
         metrics::gauge!(m::KV_BYTES).set(self.state_bytes() as f64);
+    }
+}
+
+/// Drops one pin reference of each media key; media no longer pinned go to the vision cache.
+fn release_media<M>(pinned: &mut Pinned<(MediaKey, usize), M>, vision: &mut LruBytes<(MediaKey, usize), M>, keys: &[(MediaKey, usize)]) {
+    for k in keys {
+        if let Some((m, bytes)) = pinned.release(k) {
+            vision.insert(*k, m, bytes);
+        }
     }
 }

@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::error::EngineError;
 use crate::metrics as m;
 use crate::prefix::PromptBlocks;
-use crate::request::{Event, TokenEvent, Usage, ValidRequest};
+use crate::request::{Event, Task, TokenEvent, Usage, ValidRequest};
 
 /// A submitted request waiting for admission.
 pub(crate) struct Waiting {
@@ -49,6 +49,8 @@ pub(crate) struct Sequence<S> {
     pub blocks: PromptBlocks,
     submitted: Instant,
     last_token: Option<Instant>,
+    /// A pin request's result, set when its prompt is done.
+    pub pinned: Option<Result<usize, EngineError>>,
 }
 
 /// What a sequence does in one step.
@@ -122,6 +124,33 @@ impl<S> Sequence<S> {
             blocks,
             submitted: w.submitted,
             last_token: None,
+            pinned: None,
+        }
+    }
+
+    /// Whether the request generates tokens (not a scoring or pin request).
+    pub fn generates(&self) -> bool {
+        self.req.task == Task::Generate
+    }
+
+    pub fn is_pin(&self) -> bool {
+        matches!(self.req.task, Task::Pin(_))
+    }
+
+    fn usage(&self) -> Usage {
+        Usage { prompt_tokens: self.req.prompt.len(), completion_tokens: self.generated.len(), cached_tokens: self.cached_tokens }
+    }
+
+    /// A pin request whose prompt is done: its result is sent.
+    pub fn finish_pin(&mut self) -> Outcome {
+        match self.pinned.take() {
+            Some(Ok(bytes)) => {
+                let _ = self.tx.send(Event::Pinned { bytes, usage: self.usage() });
+                metrics::counter!(m::REQUESTS_FINISHED, "reason" => "pinned").increment(1);
+                Outcome::Finished
+            }
+            Some(Err(e)) => self.fail(e),
+            None => self.fail(EngineError::Internal("a pin request ended before its prompt was pinned".into())),
         }
     }
 
@@ -171,7 +200,8 @@ impl<S> Sequence<S> {
     /// no log-probabilities), which a device can find without sending the row to the host.
     pub fn picks_argmax(&self) -> bool {
         let r = &self.req.sampling;
-        self.beams.is_none()
+        self.generates()
+            && self.beams.is_none()
             && matches!(r.strategy, flamingo_model::sampling::Strategy::Greedy)
             && r.repetition_penalty == 1.0
             && r.logprobs.is_none()
@@ -235,9 +265,7 @@ impl<S> Sequence<S> {
 
     /// Sends `Finished` with the usage.
     fn finish(&self, reason: FinishReason) {
-        let usage =
-            Usage { prompt_tokens: self.req.prompt.len(), completion_tokens: self.generated.len(), cached_tokens: self.cached_tokens };
-        let _ = self.tx.send(Event::Finished { reason, usage });
+        let _ = self.tx.send(Event::Finished { reason, usage: self.usage() });
         let label = if reason == FinishReason::Stop { "stop" } else { "length" };
         metrics::counter!(m::REQUESTS_FINISHED, "reason" => label).increment(1);
     }
@@ -299,5 +327,61 @@ impl<S> Sequence<S> {
         b.states = reorder_beams(old, &parents, |st| backend.fork(st))?;
         b.next = step.tokens;
         Ok(Outcome::Running)
+    }
+}
+
+impl<S> Sequence<S> {
+    /// A scoring request whose prompt is done (`row`: the logits after its last token): each
+    /// continuation's first token is read from `row`, the rest from one batched forward of
+    /// every continuation on its own copy of the prompt's state (the last one takes the
+    /// original). Sends the scores and finishes.
+    pub fn score<B: Backend<State = S>>(&mut self, backend: &B, row: &[f32]) -> Outcome {
+        match self.try_score(backend, row) {
+            Ok(scores) => {
+                metrics::histogram!(m::TIME_TO_FIRST_TOKEN).record(self.submitted.elapsed().as_secs_f64());
+                let _ = self.tx.send(Event::Prefilled { cached_tokens: self.cached_tokens });
+                let _ = self.tx.send(Event::Scored { scores, usage: self.usage() });
+                metrics::counter!(m::REQUESTS_FINISHED, "reason" => "scored").increment(1);
+                Outcome::Finished
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn try_score<B: Backend<State = S>>(&mut self, backend: &B, row: &[f32]) -> Result<Vec<Vec<TokenEvent>>, EngineError> {
+        let Task::Score { continuations, top_logprobs } = &self.req.task else {
+            return Err(EngineError::Internal("not a scoring request".into()));
+        };
+        let k = *top_logprobs;
+        let mut out: Vec<Vec<TokenEvent>> = continuations
+            .iter()
+            .map(|c| {
+                let id = c.first().copied().unwrap_or(0);
+                let (logprob, top_logprobs) = token_logprobs(row, id, k);
+                vec![TokenEvent { id, logprob, top_logprobs }]
+            })
+            .collect();
+        let longer: Vec<usize> = (0..continuations.len()).filter(|&i| continuations[i].len() > 1).collect();
+        if longer.is_empty() {
+            return Ok(out);
+        }
+        let mut states = Vec::with_capacity(longer.len());
+        for _ in 1..longer.len() {
+            states.push(backend.fork(&self.state)?);
+        }
+        states.push(std::mem::replace(&mut self.state, backend.new_state()));
+        let inputs: Vec<flamingo_model::Input> =
+            longer.iter().map(|&i| flamingo_model::Input::Prompt(&continuations[i][..continuations[i].len() - 1])).collect();
+        let targets: Vec<&[u32]> = longer.iter().map(|&i| &continuations[i][1..]).collect();
+        let mut refs: Vec<&mut S> = states.iter_mut().collect();
+        let scored = backend.score(&mut refs, &inputs, &targets, k)?;
+        metrics::counter!(m::SCORED_TOKENS).increment(inputs.iter().map(|i| i.len() as u64).sum());
+        if scored.len() != longer.len() || scored.iter().zip(&targets).any(|(s, t)| s.len() != t.len()) {
+            return Err(EngineError::Internal("the model scored a different number of tokens".into()));
+        }
+        for (&i, rows) in longer.iter().zip(scored) {
+            out[i].extend(rows);
+        }
+        Ok(out)
     }
 }

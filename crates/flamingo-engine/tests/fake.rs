@@ -125,6 +125,7 @@ fn cfg() -> flamingo_engine::EngineConfig {
         block_size: 8,
         vision_cache_bytes: 1000,
         prefix_cache_bytes: 1 << 20,
+        pinned_bytes: 1 << 20,
     }
 }
 
@@ -410,4 +411,156 @@ fn request_caused_failures_are_told_apart_from_internal_ones() {
         other => panic!("{other:?}"),
     }
     assert_eq!(s.reserved_bytes(), 0);
+}
+
+/// The fake's logits after a sequence has seen `seen` with `media` attached (its forward, again).
+fn fake_row(seen: &[u32], media: &[u32]) -> Vec<f32> {
+    let mut h: u64 = 1469598103934665603;
+    for &t in seen.iter().chain(media) {
+        h = (h ^ t as u64).wrapping_mul(1099511628211);
+    }
+    let mut row = vec![0f32; VOCAB];
+    row[(h % 90) as usize] = 5.0;
+    row
+}
+
+fn score_request(prompt: Vec<u32>, media: Vec<PreparedMedia>, candidates: Vec<Vec<u32>>) -> ValidRequest {
+    ValidRequest::score(prompt, media, candidates, 2, &SPEC).unwrap()
+}
+
+/// Runs until idle; returns each stream's scores.
+fn scores(s: &mut Scheduler<Fake>, rx: &mut [UnboundedReceiver<Event>]) -> Vec<Vec<Vec<flamingo_engine::TokenEvent>>> {
+    drain(s, rx)
+        .into_iter()
+        .map(|(toks, fin)| {
+            assert!(toks.is_empty(), "a scoring request generates nothing");
+            match fin {
+                Some(Event::Scored { scores, .. }) => scores,
+                other => panic!("expected scores, got {other:?}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn scores_are_the_teacher_forced_log_probabilities_and_do_not_depend_on_the_batch() {
+    let fake = Fake::default();
+    let mut s = Scheduler::new(fake.clone(), cfg());
+    let p = [vec![MEDIA], prompt(12, 3)].concat();
+    let cands = vec![vec![5], vec![7, 8, 9], vec![40, 41]];
+    let mut rx = vec![submit(&mut s, score_request(p.clone(), vec![image(1)], cands.clone()))];
+    let together = scores(&mut s, &mut rx).remove(0);
+    assert_eq!(together.len(), 3);
+    for (c, got) in cands.iter().zip(&together) {
+        assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), *c);
+        for (j, t) in got.iter().enumerate() {
+            let seen = [p.as_slice(), &c[..j]].concat();
+            let media = image(1).key[0] as u32;
+            let (want, top) = flamingo_model::sampling::token_logprobs(&fake_row(&seen, &[media]), c[j], 2);
+            assert_eq!((t.logprob, &t.top_logprobs), (want, &top), "candidate {c:?} token {j}");
+        }
+        // Each candidate alone gives the same scores.
+        let mut rx = vec![submit(&mut s, score_request(p.clone(), vec![image(1)], vec![c.clone()]))];
+        assert_eq!(scores(&mut s, &mut rx).remove(0), vec![got.clone()]);
+    }
+}
+
+#[test]
+fn many_candidates_cost_one_prompt_prefill() {
+    let fake = Fake::default();
+    let mut s = Scheduler::new(fake.clone(), flamingo_engine::EngineConfig { prefix_cache_bytes: 0, ..cfg() });
+    let p = prompt(30, 4);
+    let (tx, mut rx) = unbounded_channel();
+    s.submit(score_request(p.clone(), vec![], (0..6).map(|i| vec![i, i + 1]).collect()), tx).unwrap();
+    let mut prefill = 0;
+    while s.has_work() {
+        prefill += s.step().prefill_tokens;
+    }
+    assert_eq!(prefill, 30, "the prompt once, not once per candidate");
+    assert!(matches!(drain(&mut s, std::slice::from_mut(&mut rx)).remove(0).1, Some(Event::Scored { .. })));
+    // The candidates' second tokens: one batch of six one-token inputs.
+    assert!(fake.batches.lock().unwrap().iter().any(|b| b == &vec![1; 6]), "{:?}", fake.batches.lock().unwrap());
+}
+
+#[test]
+fn scoring_requests_are_checked() {
+    let err = |r: Result<ValidRequest, RequestError>| r.map(|_| ()).unwrap_err();
+    assert!(matches!(err(ValidRequest::score(prompt(3, 1), vec![], vec![], 0, &SPEC)), RequestError::Sampling(_)));
+    assert!(matches!(err(ValidRequest::score(prompt(3, 1), vec![], vec![vec![]], 0, &SPEC)), RequestError::Sampling(_)));
+    assert!(matches!(err(ValidRequest::score(prompt(3, 1), vec![], vec![vec![500]], 0, &SPEC)), RequestError::UnknownToken(500)));
+    // An echoed prompt may carry the images in the continuation.
+    assert!(ValidRequest::score(vec![1], vec![image(1)], vec![vec![MEDIA, 2]], 0, &SPEC).is_ok());
+    assert!(matches!(err(ValidRequest::score(vec![1], vec![image(1)], vec![vec![2]], 0, &SPEC)), RequestError::MediaCount { .. }));
+}
+
+fn pin(s: &mut Scheduler<Fake>, set: &str, p: Vec<u32>, media: Vec<PreparedMedia>) -> Option<Event> {
+    let mut rx = vec![submit(s, ValidRequest::pin(set.into(), p, media, &SPEC).unwrap())];
+    drain(s, &mut rx).remove(0).1
+}
+
+#[test]
+fn a_pinned_prefix_survives_cache_pressure_until_unpinned() {
+    let fake = Fake { bytes_per_token: 1, ..Default::default() };
+    // A prefix cache that holds ~2 blocks of 8 tokens (32 bytes each), vision cache off.
+    let c = flamingo_engine::EngineConfig { prefix_cache_bytes: 70, vision_cache_bytes: 0, ..cfg() };
+    let mut s = Scheduler::new(fake.clone(), c);
+    // Four whole blocks (the fake cannot cut a block, so a partial tail would not be reused).
+    let demo = [vec![MEDIA], prompt(31, 5)].concat();
+    let Some(Event::Pinned { bytes, usage }) = pin(&mut s, "set-a", demo.clone(), vec![image(3)]) else { panic!("not pinned") };
+    assert_eq!(bytes, 32 * 4 + 100, "four blocks of the fake's 4 bytes per token, and the image");
+    assert_eq!((usage.prompt_tokens, s.pinned_bytes(), s.pinned_sets()), (32, bytes, vec!["set-a".to_string()]));
+    let encodes = fake.encodes.load(Ordering::SeqCst);
+    // Flood the LRU caches.
+    let mut rx: Vec<_> = (0..6).map(|i| submit(&mut s, request(prompt(40, 10 + i), vec![], 2))).collect();
+    drain(&mut s, &mut rx);
+    // The set's prompt plus a query: the pinned blocks and image are used (the last partial block too).
+    let query = [demo.clone(), prompt(5, 9)].concat();
+    let (tx, mut rx) = unbounded_channel();
+    s.submit(request(query.clone(), vec![image(3)], 3), tx).unwrap();
+    let (mut with_pin, mut cached) = (Vec::new(), None);
+    while s.has_work() {
+        s.step();
+    }
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            Event::Token(t) => with_pin.push(t.id),
+            Event::Finished { usage, .. } => cached = Some(usage.cached_tokens),
+            _ => {}
+        }
+    }
+    assert_eq!(cached, Some(32), "the whole set is reused");
+    assert_eq!(fake.encodes.load(Ordering::SeqCst), encodes, "the pinned image is not encoded again");
+    // Same tokens as without any cache.
+    let mut fresh = Scheduler::new(fake.clone(), flamingo_engine::EngineConfig { prefix_cache_bytes: 0, vision_cache_bytes: 0, ..cfg() });
+    let mut rx = vec![submit(&mut fresh, request(query.clone(), vec![image(3)], 3))];
+    assert_eq!(drain(&mut fresh, &mut rx).remove(0).0, with_pin);
+    // Pinning again is a no-op; unpinning frees the bytes (the blocks become ordinary entries).
+    assert!(matches!(pin(&mut s, "set-a", demo.clone(), vec![image(3)]), Some(Event::Pinned { bytes: 0, .. })));
+    assert!(s.unpin("set-a"));
+    assert!(!s.unpin("set-a"));
+    assert_eq!((s.pinned_bytes(), s.pinned_sets().len()), (0, 0));
+}
+
+#[test]
+fn two_sets_share_blocks_and_the_pinned_budget_is_a_request_error() {
+    let fake = Fake { bytes_per_token: 1, ..Default::default() };
+    let mut s = Scheduler::new(fake, flamingo_engine::EngineConfig { pinned_bytes: 200, ..cfg() });
+    let demo = prompt(16, 6);
+    let Some(Event::Pinned { bytes, .. }) = pin(&mut s, "a", demo.clone(), vec![]) else { panic!() };
+    assert_eq!(bytes, 64);
+    // A second set that starts with the same 16 tokens adds only its own blocks.
+    let longer = [demo.clone(), prompt(8, 7)].concat();
+    let Some(Event::Pinned { bytes, .. }) = pin(&mut s, "b", longer.clone(), vec![]) else { panic!() };
+    assert_eq!((bytes, s.pinned_bytes()), (32, 96));
+    // Releasing one keeps what the other still pins.
+    assert!(s.unpin("a"));
+    assert_eq!(s.pinned_bytes(), 96);
+    // Over the budget: refused, nothing pinned, nothing leaked.
+    match pin(&mut s, "big", prompt(40, 8), vec![]) {
+        Some(Event::Error(EngineError::Request(RequestError::PinnedBudget { need: 160, free: 104, budget: 200 }))) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!((s.pinned_bytes(), s.pinned_sets()), (96, vec!["b".to_string()]));
+    assert!(s.unpin("b"));
+    assert_eq!(s.pinned_bytes(), 0);
 }

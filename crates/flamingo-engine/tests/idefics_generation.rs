@@ -52,6 +52,7 @@ fn collect(mut rx: EventStream) -> (Vec<u32>, usize) {
             Event::Prefilled { cached_tokens } => cached = cached_tokens,
             Event::Finished { .. } => return (out, cached),
             Event::Error(e) => panic!("generation failed: {e}"),
+            other => panic!("unexpected event {other:?}"),
         }
     }
 }

@@ -32,6 +32,7 @@ fn generate(engine: &Engine, prompt: &[u32], media: &[PreparedMedia], strategy: 
             Event::Prefilled { .. } => {}
             Event::Finished { .. } => return out,
             Event::Error(e) => panic!("generation failed: {e}"),
+            other => panic!("unexpected event {other:?}"),
         }
     }
 }

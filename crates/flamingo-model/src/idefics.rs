@@ -421,6 +421,8 @@ fn hf_clip_vision(cfg: &VisionConfig, act: Activation, vb: VarBuilder) -> candle
         ln_pre: LayerNorm::new(w, eps, true, vb.pp("pre_layrnorm"))?,
         blocks,
         ln_post: LayerNorm::new(w, eps, true, vb.pp("post_layernorm"))?,
+        // IDEFICS keeps only CLIP's vision model: no projection.
+        proj: None,
         cfg: cfg.clone(),
     })
 }

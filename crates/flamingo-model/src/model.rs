@@ -138,6 +138,15 @@ impl Flamingo {
         Ok(self.vision.forward(&pixels)?)
     }
 
+    /// The normalised CLIP image embedding of each image, `[n, 3, H, W]` -> `[n, d]` f32 (see
+    /// [`VisionTransformer::embed`]): what retrieval of similar demonstrations compares.
+    pub fn image_embeddings(&self, pixels: &Tensor) -> Result<Tensor> {
+        let pixels = pixels.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let e = self.vision.embed(&pixels)?.to_dtype(DType::F32)?;
+        let norm = e.sqr()?.sum_keepdim(1)?.sqrt()?;
+        Ok(e.broadcast_div(&norm)?)
+    }
+
     /// Vision tower + Perceiver for one sample's media: pixels `[T, F, 3, H, W]` (T media of F
     /// frames) -> latents `[T, num_latents, width]`. `media_offset` is the index of the first of
     /// these media within its sample (it matters only with media-time embeddings).

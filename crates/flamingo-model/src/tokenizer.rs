@@ -320,6 +320,14 @@ impl FlamingoTokenizer {
         out
     }
 
+    /// Encodes a piece of text on its own, without the tokenizer's post-processing (HF's
+    /// `tokenizer(text, add_special_tokens=False)`, as OpenFlamingo tokenizes the candidate
+    /// answers it ranks): special tokens written in the text are still recognised.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Decodes generated ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))

@@ -157,6 +157,9 @@ pub struct VisionTransformer {
     pub(crate) ln_pre: LayerNorm,
     pub(crate) blocks: Vec<ResidualBlock>,
     pub(crate) ln_post: LayerNorm,
+    /// open_clip's `proj` (`[width, embed_dim]`): the image embedding's projection, used only by
+    /// [`Self::embed`]; `None` when the weights have none.
+    pub(crate) proj: Option<Tensor>,
     pub(crate) cfg: VisionConfig,
 }
 
@@ -175,8 +178,21 @@ impl VisionTransformer {
             ln_pre: LayerNorm::new(w, 1e-5, true, vb.pp("ln_pre"))?,
             blocks,
             ln_post: LayerNorm::new(w, 1e-5, true, vb.pp("ln_post"))?,
+            proj: Self::load_proj(w, &vb)?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// `proj`, when the file has it (`[width, d]`, any `d`).
+    fn load_proj(w: usize, vb: &VarBuilder) -> Result<Option<Tensor>> {
+        if !vb.contains_tensor("proj") {
+            return Ok(None);
+        }
+        let p = vb.get_unchecked("proj")?;
+        match p.dims() {
+            [rows, _] if *rows == w => Ok(Some(p)),
+            d => Err(candle_core::Error::Msg(format!("visual.proj has shape {d:?}, expected [{w}, embed_dim]"))),
+        }
     }
 
     pub fn config(&self) -> &VisionConfig {
@@ -191,6 +207,30 @@ impl VisionTransformer {
     /// Pixels `[b, 3, H, W]` -> tokens `[b, num_tokens, width]` (patch tokens, after the class
     /// token when the tower keeps it).
     pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.trunk(pixels)?;
+        let tokens = if self.cfg.keep_cls { x } else { x.narrow(1, 1, self.cfg.num_patches())? };
+        if self.cfg.ln_post_on_tokens {
+            self.ln_post.forward(&tokens)
+        } else {
+            tokens.contiguous()
+        }
+    }
+
+    /// open_clip's `encode_image` (the embedding OpenFlamingo's RICES compares): the class token
+    /// after `ln_post`, times `proj` when the weights have it (HF CLIP towers, as IDEFICS has,
+    /// have none: the class token after the post-LayerNorm, CLIP's `pooler_output`). Pixels
+    /// `[b, 3, H, W]` -> `[b, d]`, not normalised.
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let x = self.trunk(pixels)?;
+        let cls = self.ln_post.forward(&x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)?;
+        match &self.proj {
+            Some(p) => cls.matmul(&p.to_dtype(cls.dtype())?),
+            None => Ok(cls),
+        }
+    }
+
+    /// Patch embedding, class token, positions, `ln_pre` and the blocks: `[b, 1 + patches, width]`.
+    fn trunk(&self, pixels: &Tensor) -> Result<Tensor> {
         let b = pixels.dim(0)?;
         let w = self.cfg.width;
         let x = self.conv1.forward(pixels)?; // [b, w, g, g]
@@ -201,11 +241,6 @@ impl VisionTransformer {
         for blk in &self.blocks {
             x = blk.forward(&x)?;
         }
-        let tokens = if self.cfg.keep_cls { x } else { x.narrow(1, 1, self.cfg.num_patches())? };
-        if self.cfg.ln_post_on_tokens {
-            self.ln_post.forward(&tokens)
-        } else {
-            tokens.contiguous()
-        }
+        Ok(x)
     }
 }

@@ -62,9 +62,11 @@ pub struct ChatRequest {
     pub messages: Vec<ChatMessage>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u64>,
+    /// Extension: a registered demonstration set put in front of `messages`.
+    pub demonstrations: Option<crate::demos::DemoRef>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     #[serde(default)]
@@ -73,7 +75,7 @@ pub struct ChatMessage {
 
 /// A message's content: a string, or a list of parts (checked by the template, which names the
 /// offending part).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
@@ -92,6 +94,8 @@ pub struct CompletionRequest {
     pub logprobs: Option<u64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
+    /// Extension: a registered raw demonstration set put in front of `prompt`.
+    pub demonstrations: Option<crate::demos::DemoRef>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -30,6 +30,24 @@ pub struct Config {
     pub limits: Limits,
     pub fetch: FetchSection,
     pub engine: EngineSection,
+    pub storage: StorageSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub dir: String,
+}
+
+impl StorageSection {
+    /// The directory demonstration sets are stored under (`dir`, else the per-user default).
+    pub fn dir(&self) -> PathBuf {
+        if self.dir.is_empty() {
+            crate::store::default_dir()
+        } else {
+            PathBuf::from(&self.dir)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +86,9 @@ pub struct Limits {
     pub max_beams: usize,
     pub max_stop: usize,
     pub max_logprobs: usize,
+    pub max_candidates: usize,
+    pub max_demonstration_examples: usize,
+    pub max_demonstration_sets: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +112,7 @@ pub struct EngineSection {
     pub block_size: usize,
     pub vision_cache_bytes: usize,
     pub prefix_cache_bytes: usize,
+    pub pinned_bytes: usize,
 }
 
 impl FetchSection {
@@ -116,6 +138,7 @@ impl EngineSection {
             block_size: self.block_size,
             vision_cache_bytes: self.vision_cache_bytes,
             prefix_cache_bytes: self.prefix_cache_bytes,
+            pinned_bytes: self.pinned_bytes,
         }
     }
 }
@@ -131,6 +154,7 @@ pub struct Overrides {
     pub log_format: Option<String>,
     pub device: Option<String>,
     pub dtype: Option<String>,
+    pub data_dir: Option<String>,
 }
 
 impl Config {
@@ -180,6 +204,9 @@ impl Config {
         }
         if let Some(d) = &flags.dtype {
             set(&mut table, "model", "dtype", Value::String(d.clone()));
+        }
+        if let Some(d) = &flags.data_dir {
+            set(&mut table, "storage", "dir", Value::String(d.clone()));
         }
         let cfg: Config = Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         cfg.check()?;

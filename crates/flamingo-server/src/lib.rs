@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod config;
+pub mod demos;
 pub mod embedded;
 pub mod error;
 pub mod fetch;
@@ -20,6 +21,7 @@ pub mod respond;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod stream;
 pub mod template;
 pub mod textstream;

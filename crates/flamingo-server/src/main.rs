@@ -107,6 +107,10 @@ struct ServeArgs {
     /// f32, f16 or bf16.
     #[arg(long)]
     dtype: Option<String>,
+    /// Where registered demonstration sets are stored (default: $XDG_DATA_HOME/flamingo, else
+    /// ~/.local/share/flamingo). Replicas may share it.
+    #[arg(long)]
+    data_dir: Option<String>,
 }
 
 #[derive(Args)]
@@ -138,6 +142,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         log_format: a.log_format,
         device: a.device,
         dtype: a.dtype,
+        data_dir: a.data_dir,
     };
     let cfg = Config::load(a.config.as_deref(), &|k| std::env::var(k).ok(), &flags)?;
     init_logs(&cfg.server.log_format, "info");

@@ -71,7 +71,14 @@ pub struct MediaItem {
 
 /// Fetches and preprocesses every item, in order.
 pub async fn prepare(fetcher: &Fetcher, spec: &Arc<MediaSpec>, items: Vec<MediaItem>) -> Result<Vec<PreparedMedia>, ApiError> {
-    for it in &items {
+    check(spec, &items)?;
+    let fetched = fetch_all(fetcher, &items).await?;
+    decode(spec, &items, fetched).await
+}
+
+/// Videos only where the model takes them, within the frame limit.
+pub fn check(spec: &MediaSpec, items: &[MediaItem]) -> Result<(), ApiError> {
+    for it in items {
         if matches!(it.source, MediaRef::Video(_) | MediaRef::Animation(_)) {
             let Some(max) = spec.max_frames else {
                 return Err(ApiError::bad_request(
@@ -86,11 +93,21 @@ pub async fn prepare(fetcher: &Fetcher, spec: &Arc<MediaSpec>, items: Vec<MediaI
             }
         }
     }
+    Ok(())
+}
+
+/// The URLs of an item (one, or one per frame).
+pub fn urls(source: &MediaRef) -> Vec<&str> {
+    match source {
+        MediaRef::Image(u) | MediaRef::Animation(u) => vec![u.as_str()],
+        MediaRef::Video(v) => v.iter().map(String::as_str).collect(),
+    }
+}
+
+/// Every item's bytes (one entry per URL), fetched concurrently.
+pub async fn fetch_all(fetcher: &Fetcher, items: &[MediaItem]) -> Result<Vec<Vec<Vec<u8>>>, ApiError> {
     let fetches = items.iter().map(|it| async move {
-        let urls: Vec<&str> = match &it.source {
-            MediaRef::Image(u) | MediaRef::Animation(u) => vec![u.as_str()],
-            MediaRef::Video(v) => v.iter().map(String::as_str).collect(),
-        };
+        let urls = urls(&it.source);
         let mut out = Vec::with_capacity(urls.len());
         for (k, u) in urls.iter().enumerate() {
             let bytes = fetcher.fetch(u).await.map_err(|e| {
@@ -101,7 +118,11 @@ pub async fn prepare(fetcher: &Fetcher, spec: &Arc<MediaSpec>, items: Vec<MediaI
         }
         Ok::<_, ApiError>(out)
     });
-    let fetched = futures::future::try_join_all(fetches).await?;
+    futures::future::try_join_all(fetches).await
+}
+
+/// Decodes and preprocesses fetched items (on the blocking pool).
+pub async fn decode(spec: &Arc<MediaSpec>, items: &[MediaItem], fetched: Vec<Vec<Vec<u8>>>) -> Result<Vec<PreparedMedia>, ApiError> {
     let spec = spec.clone();
     let kinds: Vec<(Kind, String)> = items
         .iter()

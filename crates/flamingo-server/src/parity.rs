@@ -54,6 +54,7 @@ fn generate(engine: &Engine, prompt: &[u32], media: &[PreparedMedia], strategy: 
             Some(Event::Prefilled { .. }) => {}
             Some(Event::Finished { .. }) => return Ok(out),
             Some(Event::Error(e)) => bail!("generation failed: {e}"),
+            Some(Event::Scored { .. } | Event::Pinned { .. }) => bail!("a generation got another task's result"),
             None => bail!("the engine stopped"),
         }
     }

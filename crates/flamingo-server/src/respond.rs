@@ -116,6 +116,9 @@ impl<'a> ChoiceStream<'a> {
                 Ok(Progress::Ended { rest, reason })
             }
             Event::Error(e) => Err(ChoiceError::Engine(e)),
+            Event::Scored { .. } | Event::Pinned { .. } => {
+                Err(ChoiceError::Engine(flamingo_engine::EngineError::Internal("a generation got another task's result".into())))
+            }
         }
     }
 

@@ -43,11 +43,14 @@ pub async fn serve(cfg: Config, source: ModelSource, handle_signals: bool) -> an
     tracing::info!(%addr, model = %st.served_name, "listening");
     let load_failed = Arc::new(Notify::new());
     let (loader, failed) = (st.clone(), load_failed.clone());
+    let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         if let Err(e) = loader.load(&source) {
             tracing::error!("{e:#}");
             failed.notify_one();
+            return;
         }
+        handle.block_on(loader.restore_demonstrations());
     });
     let shutdown = Arc::new(Notify::new());
     let (app, signal, draining, served) = (router(st.clone()), shutdown.clone(), st.clone(), st.clone());

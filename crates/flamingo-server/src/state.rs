@@ -119,6 +119,8 @@ pub struct AppState {
     pub(crate) fetcher: Fetcher,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) started: u64,
+    /// Registered demonstration sets.
+    pub(crate) demos: crate::demos::Registry,
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -163,6 +165,7 @@ impl AppState {
         let fetcher = Fetcher::new(cfg.fetch.to_fetch_config()).map_err(|e| anyhow::anyhow!("[fetch] configuration: {e}"))?;
         let prometheus = prometheus();
         crate::middleware::describe_metrics();
+        let demos = crate::demos::Registry::new(cfg.storage.dir());
         Ok(Arc::new(Self {
             cfg,
             served_name,
@@ -173,6 +176,7 @@ impl AppState {
             fetcher,
             prometheus,
             started: now_secs(),
+            demos,
         }))
     }
 
@@ -187,6 +191,19 @@ impl AppState {
         }
         tracing::info!(seconds = t.elapsed().as_secs_f64(), model = %self.served_name, "model ready");
         Ok(())
+    }
+
+    /// Loads and pins the stored demonstration sets (after the model; `/health` is 503 until
+    /// they are).
+    pub async fn restore_demonstrations(&self) {
+        if let Some(rt) = self.runtime.get() {
+            self.demos.restore(self, rt).await;
+        }
+    }
+
+    /// Whether the model is loaded and the stored demonstration sets are pinned.
+    pub fn is_ready(&self) -> bool {
+        self.is_loaded() && self.demos.is_ready()
     }
 
     /// The engine's counters, once the model is loaded.

@@ -219,6 +219,10 @@ pub fn plan(p: &GenParams, kind: Kind, logprobs: Option<usize>, b: &Bounds) -> R
 /// A request checked and tokenized; its media are fetched next.
 pub struct Generation {
     pub prompt: Vec<u32>,
+    /// Media already prepared (a demonstration set's, and the query's when they were needed
+    /// to select examples): the prompt's first ones.
+    pub prepared: Vec<PreparedMedia>,
+    /// The prompt's other media, fetched next.
     pub media: Vec<MediaItem>,
     pub plan: Plan,
 }
@@ -236,19 +240,61 @@ pub fn chat(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiE
     let req: ChatRequest = parse_json(body)?;
     let params: GenParams = parse_json(body)?;
     check_model(st, req.model.as_deref())?;
-    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
-        (true, k) => Some(k.unwrap_or(0) as usize),
-        (false, Some(k)) if k > 0 => return Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`").param("top_logprobs")),
-        (false, _) => None,
-    };
-    let plan = plan(&params, Kind::Chat, logprobs, &Bounds::of(&st.cfg.limits))?;
+    let plan = plan(&params, Kind::Chat, chat_logprobs(&req)?, &Bounds::of(&st.cfg.limits))?;
     let prompt = rt.template.apply(&req.messages)?;
     let ids = rt
         .tokenizer
         .encode_segments(&prompt.segments())
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the messages: {e}")))?;
     let media = prompt.media.into_iter().zip(prompt.media_params).map(|(source, param)| MediaItem { source, param }).collect();
-    checked(st, rt, Generation { prompt: ids, media, plan })
+    checked(st, rt, Generation { prompt: ids, prepared: Vec::new(), media, plan })
+}
+
+/// The chat request's `logprobs` / `top_logprobs` as the alternatives per token asked for.
+fn chat_logprobs(req: &ChatRequest) -> Result<Option<usize>, ApiError> {
+    match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (true, k) => Ok(Some(k.unwrap_or(0) as usize)),
+        (false, Some(k)) if k > 0 => Err(ApiError::bad_request("`top_logprobs` needs `logprobs: true`").param("top_logprobs")),
+        (false, _) => Ok(None),
+    }
+}
+
+/// `POST /v1/chat/completions` with `demonstrations`: the set's (selected) examples' messages
+/// in front of the request's, every media item prepared.
+pub async fn chat_with_demonstrations(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiError> {
+    let req: ChatRequest = parse_json(body)?;
+    let params: GenParams = parse_json(body)?;
+    check_model(st, req.model.as_deref())?;
+    let plan = plan(&params, Kind::Chat, chat_logprobs(&req)?, &Bounds::of(&st.cfg.limits))?;
+    let Some(d) = &req.demonstrations else { return chat(st, rt, body) };
+    let (ids, prepared) = crate::demos::chat_prompt(st, rt, &req.messages, d).await?;
+    checked(st, rt, Generation { prompt: ids, prepared, media: Vec::new(), plan })
+}
+
+/// `POST /v1/completions` with `demonstrations`: the raw set's (selected) example prompts in
+/// front of the request's prompt.
+pub async fn completion_with_demonstrations(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiError> {
+    let req: CompletionRequest = parse_json(body)?;
+    let Some(d) = req.demonstrations.clone() else { return completion(st, rt, body) };
+    let mut g = completion(st, rt, body)?;
+    let prompt = single_prompt(req.prompt)?;
+    let (ids, prepared) = crate::demos::raw_prompt(st, rt, &prompt, &req.images, &d).await?;
+    g.prompt = ids;
+    g.prepared = prepared;
+    g.media = Vec::new();
+    checked(st, rt, g)
+}
+
+fn single_prompt(p: PromptSpec) -> Result<String, ApiError> {
+    let prompt = match p {
+        PromptSpec::One(p) => p,
+        PromptSpec::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptSpec::Many(_) => return Err(ApiError::bad_request("send one prompt per request").param("prompt")),
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt"));
+    }
+    Ok(prompt)
 }
 
 /// `POST /v1/completions`: the exact-control path, a raw prompt whose special tokens are
@@ -263,14 +309,7 @@ pub fn completion(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("`suffix` is not supported").param("suffix"));
     }
-    let prompt = match req.prompt {
-        PromptSpec::One(p) => p,
-        PromptSpec::Many(mut v) if v.len() == 1 => v.remove(0),
-        PromptSpec::Many(_) => return Err(ApiError::bad_request("send one prompt per request").param("prompt")),
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt"));
-    }
+    let prompt = single_prompt(req.prompt)?;
     let plan = plan(&params, Kind::Completion, req.logprobs.map(|k| k as usize), &Bounds::of(&st.cfg.limits))?;
     let ids = rt.tokenizer.encode_prompt(&prompt).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))?;
     let slots = ids.iter().filter(|&&t| t == rt.tokenizer.media_token_id()).count();
@@ -284,19 +323,16 @@ pub fn completion(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation
         .enumerate()
         .map(|(i, im)| MediaItem { source: MediaRef::Image(im.url().to_string()), param: format!("images[{i}]") })
         .collect();
-    checked(st, rt, Generation { prompt: ids, media, plan })
+    checked(st, rt, Generation { prompt: ids, prepared: Vec::new(), media, plan })
 }
 
 /// The size limits, checked before any media is fetched: images per request, prompt tokens,
 /// and the KV-cache reservation of every choice (beams included) against the engine's budget.
 fn checked(st: &AppState, rt: &Runtime, g: Generation) -> Result<Generation, ApiError> {
     let l = &st.cfg.limits;
-    if g.media.len() > l.max_images_per_request {
-        return Err(ApiError::bad_request(format!(
-            "at most {} images per request are allowed (got {})",
-            l.max_images_per_request,
-            g.media.len()
-        )));
+    let images = g.media.len() + g.prepared.len();
+    if images > l.max_images_per_request {
+        return Err(ApiError::bad_request(format!("at most {} images per request are allowed (got {images})", l.max_images_per_request)));
     }
     if g.prompt.len() > l.max_prompt_tokens {
         return Err(ApiError::bad_request(format!(

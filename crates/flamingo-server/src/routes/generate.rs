@@ -19,15 +19,22 @@ use crate::state::{AppState, Inflight, Runtime};
 use crate::validate::{self, Generation, Plan};
 
 pub(super) async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    generate::<Chat>(st, headers, body, validate::chat).await
+    generate::<Chat>(st, headers, body, Which::Chat).await
 }
 
 pub(super) async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    generate::<Completion>(st, headers, body, validate::completion).await
+    generate::<Completion>(st, headers, body, Which::Completion).await
+}
+
+/// Which endpoint's body is validated.
+#[derive(Clone, Copy)]
+enum Which {
+    Chat,
+    Completion,
 }
 
 /// Reads the body under the configured limit (413 above it).
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<axum::body::Bytes, ApiError> {
     if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
         if len > limit as u64 {
             return Err(ApiError::too_large(limit));
@@ -53,14 +60,15 @@ struct Submitted {
 }
 
 /// Validates the body, prepares the media and submits every choice to the engine.
-async fn submit(
-    st: &AppState,
-    rt: &Runtime,
-    bytes: &[u8],
-    validate: fn(&AppState, &Runtime, &[u8]) -> Result<Generation, ApiError>,
-) -> Result<Submitted, ApiError> {
-    let Generation { prompt, media, plan } = validate(st, rt, bytes)?;
-    let media = media::prepare(&st.fetcher, &rt.media, media).await?;
+async fn submit(st: &AppState, rt: &Runtime, bytes: &[u8], which: Which) -> Result<Submitted, ApiError> {
+    let g = match which {
+        Which::Chat => validate::chat_with_demonstrations(st, rt, bytes).await?,
+        Which::Completion => validate::completion_with_demonstrations(st, rt, bytes).await?,
+    };
+    let Generation { prompt, prepared, media, plan } = g;
+    let mut all = prepared;
+    all.extend(media::prepare(&st.fetcher, &rt.media, media).await?);
+    let media = all;
     let mut streams = Vec::with_capacity(plan.choices.len());
     for req in validate::requests(&prompt, media, &plan, &rt.stop_ids, rt.engine.spec())? {
         streams.push(rt.engine.submit(req).map_err(|e| ApiError::from_engine(&e, st.retry_after()))?);
@@ -70,16 +78,11 @@ async fn submit(
 
 /// Reads and validates the body, prepares the media, submits every choice and answers (JSON
 /// or SSE).
-async fn generate<E: Endpoint>(
-    st: Arc<AppState>,
-    headers: HeaderMap,
-    body: Body,
-    validate: fn(&AppState, &Runtime, &[u8]) -> Result<Generation, ApiError>,
-) -> Result<Response, ApiError> {
+async fn generate<E: Endpoint>(st: Arc<AppState>, headers: HeaderMap, body: Body, which: Which) -> Result<Response, ApiError> {
     let guard = Inflight::new(&st);
     let rt = st.runtime()?;
     let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
-    let Submitted { streams, plan, prompt_tokens } = submit(&st, rt, &bytes, validate).await?;
+    let Submitted { streams, plan, prompt_tokens } = submit(&st, rt, &bytes, which).await?;
     let meta = Meta::new::<E>(&st.served_name, prompt_tokens);
     if plan.stream {
         return Ok(crate::stream::respond::<E>(st.clone(), guard, streams, plan, meta));
@@ -99,7 +102,7 @@ pub async fn chat_in_process(st: &Arc<AppState>, body: &[u8]) -> Result<Completi
     if body.len() > st.cfg.limits.max_body_bytes {
         return Err(ApiError::too_large(st.cfg.limits.max_body_bytes));
     }
-    let Submitted { streams, plan, prompt_tokens } = submit(st, rt, body, validate::chat).await?;
+    let Submitted { streams, plan, prompt_tokens } = submit(st, rt, body, Which::Chat).await?;
     let meta = Meta::new::<Chat>(&st.served_name, prompt_tokens);
     let out = respond::whole::<Chat>(rt, streams, &plan, meta, st.retry_after()).await;
     drop(guard);

@@ -26,12 +26,13 @@ pub(super) async fn model(State(st): State<Arc<AppState>>, Path(id): Path<String
     Ok(Json(card(&st)))
 }
 
-/// 200 `{"status": "ok"}` once the model is loaded; 503 with `Retry-After` while it loads or
+/// 200 `{"status": "ok"}` once the model is loaded and the stored demonstration sets are
+/// pinned; 503 with `Retry-After` while it loads or
 /// the server shuts down.
 pub(super) async fn health(State(st): State<Arc<AppState>>) -> Response {
     let (code, status) = if st.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
-    } else if !st.is_loaded() {
+    } else if !st.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "loading")
     } else {
         (StatusCode::OK, "ok")

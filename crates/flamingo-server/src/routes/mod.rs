@@ -1,6 +1,7 @@
 //! The HTTP routes: one table ([`Route::ALL`]) that the router is built from and that tests
 //! compare with `openapi.yaml`, so the two cannot drift.
 
+mod fewshot;
 mod generate;
 mod info;
 
@@ -22,6 +23,11 @@ pub use generate::chat_in_process;
 pub enum Route {
     ChatCompletions,
     Completions,
+    Score,
+    CreateDemonstrations,
+    ListDemonstrations,
+    GetDemonstration,
+    DeleteDemonstration,
     Models,
     Model,
     Health,
@@ -29,13 +35,28 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 6] = [Route::ChatCompletions, Route::Completions, Route::Models, Route::Model, Route::Health, Route::Metrics];
+    pub const ALL: [Route; 11] = [
+        Route::ChatCompletions,
+        Route::Completions,
+        Route::Score,
+        Route::CreateDemonstrations,
+        Route::ListDemonstrations,
+        Route::GetDemonstration,
+        Route::DeleteDemonstration,
+        Route::Models,
+        Route::Model,
+        Route::Health,
+        Route::Metrics,
+    ];
 
     /// The path as axum matches it (`{*id}`: the rest of the path, slashes included).
     pub fn path(self) -> &'static str {
         match self {
             Route::ChatCompletions => "/v1/chat/completions",
             Route::Completions => "/v1/completions",
+            Route::Score => "/v1/score",
+            Route::CreateDemonstrations | Route::ListDemonstrations => "/v1/demonstrations",
+            Route::GetDemonstration | Route::DeleteDemonstration => "/v1/demonstrations/{id}",
             Route::Models => "/v1/models",
             Route::Model => "/v1/models/{*id}",
             Route::Health => "/health",
@@ -45,8 +66,11 @@ impl Route {
 
     fn verb(self) -> Verb {
         match self {
-            Route::ChatCompletions | Route::Completions => Verb::Post,
-            Route::Models | Route::Model | Route::Health | Route::Metrics => Verb::Get,
+            Route::ChatCompletions | Route::Completions | Route::Score | Route::CreateDemonstrations => Verb::Post,
+            Route::DeleteDemonstration => Verb::Delete,
+            Route::ListDemonstrations | Route::GetDemonstration | Route::Models | Route::Model | Route::Health | Route::Metrics => {
+                Verb::Get
+            }
         }
     }
 
@@ -54,6 +78,7 @@ impl Route {
         match self.verb() {
             Verb::Get => Method::GET,
             Verb::Post => Method::POST,
+            Verb::Delete => Method::DELETE,
         }
     }
 
@@ -66,10 +91,16 @@ impl Route {
         let filter = match self.verb() {
             Verb::Get => MethodFilter::GET,
             Verb::Post => MethodFilter::POST,
+            Verb::Delete => MethodFilter::DELETE,
         };
         match self {
             Route::ChatCompletions => on(filter, generate::chat),
             Route::Completions => on(filter, generate::completions),
+            Route::Score => on(filter, fewshot::score),
+            Route::CreateDemonstrations => on(filter, fewshot::create_set),
+            Route::ListDemonstrations => on(filter, fewshot::list_sets),
+            Route::GetDemonstration => on(filter, fewshot::get_set),
+            Route::DeleteDemonstration => on(filter, fewshot::delete_set),
             Route::Models => on(filter, info::models),
             Route::Model => on(filter, info::model),
             Route::Health => on(filter, info::health),
@@ -83,6 +114,7 @@ impl Route {
 enum Verb {
     Get,
     Post,
+    Delete,
 }
 
 /// The router with every route and middleware.
