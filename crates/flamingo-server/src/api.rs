@@ -249,9 +249,10 @@ pub struct TextChoice {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f64>,
-    /// Each token's alternatives as `{token: logprob}`.
-    pub top_logprobs: Vec<serde_json::Map<String, Value>>,
+    /// `null` for an echoed prompt's first token (nothing comes before it).
+    pub token_logprobs: Vec<Option<f64>>,
+    /// Each token's alternatives as `{token: logprob}` (`null` where `token_logprobs` is).
+    pub top_logprobs: Vec<Option<serde_json::Map<String, Value>>>,
     pub text_offset: Vec<usize>,
 }
 

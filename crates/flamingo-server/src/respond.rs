@@ -255,9 +255,9 @@ impl Endpoint for Completion {
             out.text_offset.push(at);
             at += bytes.len();
             out.tokens.push(token);
-            out.token_logprobs.push(f64::from(e.logprob));
+            out.token_logprobs.push(Some(f64::from(e.logprob)));
             out.top_logprobs
-                .push(e.top.iter().map(|&(id, lp)| (tok.token_display(id).0, serde_json::Value::from(f64::from(lp)))).collect());
+                .push(Some(e.top.iter().map(|&(id, lp)| (tok.token_display(id).0, serde_json::Value::from(f64::from(lp)))).collect()));
         }
         out
     }
@@ -306,6 +306,102 @@ pub async fn whole<E: Endpoint>(
     Ok(CompletionBody {
         id: meta.id,
         object: E::OBJECT,
+        created: meta.created,
+        model: meta.model,
+        system_fingerprint: None,
+        choices,
+        usage,
+    })
+}
+
+/// A completions request with `echo`: the prompt text, and (when log-probabilities were asked
+/// for) the scoring of its tokens after the first.
+pub struct Echo {
+    pub text: String,
+    pub prompt: Vec<u32>,
+    pub scores: Option<EventStream>,
+}
+
+/// The whole response of a completions request with `echo`: each choice's text after the
+/// prompt's, and the prompt's tokens first in its log-probabilities (the first one `null`), as
+/// OpenAI's legacy API answers it. With `max_new` 0 the choices are the prompt alone.
+pub async fn echo(
+    rt: &Runtime,
+    streams: Vec<EventStream>,
+    plan: &Plan,
+    meta: Meta,
+    echo: Echo,
+    retry_after: u64,
+) -> Result<CompletionBody<TextChoice>, ApiError> {
+    let tok = &rt.tokenizer;
+    let mut prompt_lp = CompletionLogprobs::default();
+    if let Some(mut rx) = echo.scores {
+        let scored = loop {
+            match rx.recv().await {
+                Some(Event::Scored { mut scores, .. }) => break scores.pop().unwrap_or_default(),
+                Some(Event::Error(e)) => return Err(ApiError::from_engine(&e, retry_after)),
+                Some(_) => {}
+                None => return Err(ApiError::unavailable("the engine stopped", retry_after)),
+            }
+        };
+        let mut at = 0;
+        for (i, &id) in echo.prompt.iter().enumerate() {
+            let (token, bytes) = tok.token_display(id);
+            prompt_lp.text_offset.push(at);
+            at += bytes.len();
+            prompt_lp.tokens.push(token);
+            let ev = i.checked_sub(1).and_then(|j| scored.get(j));
+            prompt_lp.token_logprobs.push(ev.and_then(|e| e.logprob).map(f64::from));
+            prompt_lp.top_logprobs.push(ev.map(|e| {
+                e.top_logprobs.iter().map(|&(id, lp)| (tok.token_display(id).0, serde_json::Value::from(f64::from(lp)))).collect()
+            }));
+        }
+    }
+    let mut outs = Vec::with_capacity(plan.choices.len());
+    for rx in streams {
+        let choice = ChoiceStream::new(tok, plan.stops.clone(), &rt.stop_ids);
+        outs.push(Some(choice.collect(rx).await.map_err(|e| e.to_api(retry_after))?));
+    }
+    if outs.is_empty() {
+        outs = plan.choices.iter().map(|_| None).collect();
+    }
+    let completion: usize = outs.iter().flatten().map(|o| o.ids.len()).sum();
+    let cached = outs.iter().flatten().next().map(|o| o.cached_tokens).unwrap_or(0);
+    let usage = UsageBody::new(meta.prompt_tokens, completion, cached);
+    let choices = outs
+        .into_iter()
+        .enumerate()
+        .map(|(index, o)| {
+            let logprobs = plan.logprobs.map(|_| {
+                let mut lp = prompt_lp.clone();
+                if let Some(o) = &o {
+                    let rest = Completion::logprobs(tok, &o.logprobs, echo.text.len());
+                    lp.tokens.extend(rest.tokens);
+                    lp.token_logprobs.extend(rest.token_logprobs);
+                    lp.top_logprobs.extend(rest.top_logprobs);
+                    lp.text_offset.extend(rest.text_offset);
+                }
+                lp
+            });
+            match o {
+                Some(mut o) => {
+                    let ids = plan.return_ids.then(|| std::mem::take(&mut o.ids));
+                    o.text = format!("{}{}", echo.text, o.text);
+                    Completion::choice(index, o, logprobs, ids)
+                }
+                None => TextChoice {
+                    index,
+                    text: echo.text.clone(),
+                    logprobs,
+                    finish_reason: Some(FinishReason::Length),
+                    token_ids: plan.return_ids.then(Vec::new),
+                },
+            }
+        })
+        .collect();
+    Ok(CompletionBody {
+        id: meta.id,
+        object: Completion::OBJECT,
         created: meta.created,
         model: meta.model,
         system_fingerprint: None,

@@ -225,6 +225,9 @@ pub struct Generation {
     /// The prompt's other media, fetched next.
     pub media: Vec<MediaItem>,
     pub plan: Plan,
+    /// Completions with `echo`: the prompt as given, returned before each choice's text (with
+    /// its tokens' log-probabilities when `logprobs` is set).
+    pub echo: Option<String>,
 }
 
 fn check_model(st: &AppState, model: Option<&str>) -> Result<(), ApiError> {
@@ -247,7 +250,7 @@ pub fn chat(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiE
         .encode_segments(&prompt.segments())
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the messages: {e}")))?;
     let media = prompt.media.into_iter().zip(prompt.media_params).map(|(source, param)| MediaItem { source, param }).collect();
-    checked(st, rt, Generation { prompt: ids, prepared: Vec::new(), media, plan })
+    checked(st, rt, Generation { prompt: ids, prepared: Vec::new(), media, plan, echo: None })
 }
 
 /// The chat request's `logprobs` / `top_logprobs` as the alternatives per token asked for.
@@ -268,7 +271,7 @@ pub async fn chat_with_demonstrations(st: &AppState, rt: &Runtime, body: &[u8]) 
     let plan = plan(&params, Kind::Chat, chat_logprobs(&req)?, &Bounds::of(&st.cfg.limits))?;
     let Some(d) = &req.demonstrations else { return chat(st, rt, body) };
     let (ids, prepared) = crate::demos::chat_prompt(st, rt, &req.messages, d).await?;
-    checked(st, rt, Generation { prompt: ids, prepared, media: Vec::new(), plan })
+    checked(st, rt, Generation { prompt: ids, prepared, media: Vec::new(), plan, echo: None })
 }
 
 /// `POST /v1/completions` with `demonstrations`: the raw set's (selected) example prompts in
@@ -301,16 +304,28 @@ fn single_prompt(p: PromptSpec) -> Result<String, ApiError> {
 /// special (as with `flamingo generate`) and one image per `<image>`.
 pub fn completion(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
-    let params: GenParams = parse_json(body)?;
+    let mut params: GenParams = parse_json(body)?;
     check_model(st, req.model.as_deref())?;
-    if req.echo.unwrap_or(false) {
-        return Err(ApiError::bad_request("`echo` is not supported").param("echo"));
+    let echo = req.echo.unwrap_or(false);
+    if echo && params.stream.unwrap_or(false) {
+        return Err(ApiError::bad_request("`echo` is supported without `stream` only").param("echo"));
+    }
+    if echo && req.demonstrations.is_some() {
+        return Err(ApiError::bad_request("`echo` cannot be combined with `demonstrations`").param("echo"));
+    }
+    // `max_tokens: 0` with `echo`: the prompt's log-probabilities only (OpenAI's legacy scoring).
+    let score_only = echo && params.max_tokens == Some(0) && params.max_completion_tokens.is_none();
+    if score_only {
+        params.max_tokens = Some(1);
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("`suffix` is not supported").param("suffix"));
     }
     let prompt = single_prompt(req.prompt)?;
-    let plan = plan(&params, Kind::Completion, req.logprobs.map(|k| k as usize), &Bounds::of(&st.cfg.limits))?;
+    let mut plan = plan(&params, Kind::Completion, req.logprobs.map(|k| k as usize), &Bounds::of(&st.cfg.limits))?;
+    if score_only {
+        plan.max_new = 0;
+    }
     let ids = rt.tokenizer.encode_prompt(&prompt).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))?;
     let slots = ids.iter().filter(|&&t| t == rt.tokenizer.media_token_id()).count();
     if slots != req.images.len() {
@@ -323,7 +338,7 @@ pub fn completion(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation
         .enumerate()
         .map(|(i, im)| MediaItem { source: MediaRef::Image(im.url().to_string()), param: format!("images[{i}]") })
         .collect();
-    checked(st, rt, Generation { prompt: ids, prepared: Vec::new(), media, plan })
+    checked(st, rt, Generation { prompt: ids, prepared: Vec::new(), media, plan, echo: echo.then_some(prompt) })
 }
 
 /// The size limits, checked before any media is fetched: images per request, prompt tokens,
@@ -342,7 +357,7 @@ fn checked(st: &AppState, rt: &Runtime, g: Generation) -> Result<Generation, Api
         )));
     }
     for sampling in &g.plan.choices {
-        rt.engine.check_budget(g.prompt.len(), sampling, g.plan.max_new).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        rt.engine.check_budget(g.prompt.len(), sampling, g.plan.max_new.max(1)).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     Ok(g)
 }

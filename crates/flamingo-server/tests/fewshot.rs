@@ -50,10 +50,15 @@ struct Server {
 
 impl Server {
     async fn start(model: ModelSource, data: &Path) -> Self {
+        Self::start_with(model, data, |_| {}).await
+    }
+
+    async fn start_with(model: ModelSource, data: &Path, edit: impl FnOnce(&mut Config)) -> Self {
         let mut c = Config::defaults();
         c.server.port = 0;
         c.server.served_model_name = "m".into();
         c.storage.dir = data.display().to_string();
+        edit(&mut c);
         let handle = serve(c, model, false).await.expect("server starts");
         let base = format!("http://{}", handle.addr);
         let http = reqwest::Client::new();
@@ -129,6 +134,30 @@ async fn raw_scores_equal_the_references_log_likelihoods() {
                 assert!(close(got["normalized_logprob"].as_f64().unwrap(), c["mean"].as_f64().unwrap()), "{what}: mean");
             }
             assert_eq!(v["ranking"], p["ranking_by_mean"], "{name} {}", p["name"]);
+
+            // `echo` with `max_tokens: 0`: the prompt's own log-probabilities (the first null).
+            let body = json!({"prompt": p["text"], "images": images, "echo": true, "max_tokens": 0, "logprobs": 1});
+            let (status, e) = s.post("/v1/completions", body).await;
+            assert_eq!(status, 200, "{name}: {e}");
+            let choice = &e["choices"][0];
+            assert_eq!(choice["text"], p["text"]);
+            let lps = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+            assert_eq!(lps.len(), p["prompt_ids"].as_array().unwrap().len());
+            assert!(lps[0].is_null() && choice["logprobs"]["top_logprobs"][0].is_null());
+            for (g, w) in lps[1..].iter().zip(p["echo_logprobs"].as_array().unwrap()) {
+                assert!(close(g.as_f64().unwrap(), w.as_f64().unwrap()), "{name} echo: {g} vs {w}");
+            }
+            // And with a generation after it: the prompt, then the reply.
+            let body = json!({"prompt": p["text"], "images": images, "echo": true, "max_tokens": 3, "logprobs": 0});
+            let (status, g) = s.post("/v1/completions", body).await;
+            assert_eq!(status, 200, "{name}: {g}");
+            assert!(g["choices"][0]["text"].as_str().unwrap().starts_with(p["text"].as_str().unwrap()));
+            let n = g["choices"][0]["logprobs"]["tokens"].as_array().unwrap().len();
+            assert_eq!(
+                n,
+                lps.len() + g["usage"]["completion_tokens"].as_u64().unwrap() as usize
+                    - usize::from(g["choices"][0]["finish_reason"] == "stop")
+            );
 
             // Each candidate scored alone gives what it got among the others (to float rounding:
             // the prompt now comes from the prefix cache, computed in other chunks).
@@ -346,4 +375,35 @@ async fn bad_input_is_a_client_error_and_a_corrupt_stored_set_is_skipped() {
     assert!(torn.exists(), "a corrupt file is left for the operator, not deleted");
     s.stop().await;
     let _ = std::fs::remove_dir_all(&data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pinned_budget_and_an_unwritable_store_refuse_a_set_and_keep_serving() {
+    let examples = json!([example(&image("chelsea.png"), "a cat."), example(&image("coffee.png"), "a cup.")]);
+    // Pinned memory too small for the set: a 400 naming the budget, nothing stored.
+    let data = temp_dir("budget");
+    let s = Server::start_with(model("mpt_x1"), &data, |c| c.engine.pinned_bytes = 1000).await;
+    let (status, e) = s.post("/v1/demonstrations", json!({"examples": examples})).await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("pinned"), "{e}");
+    assert_eq!(s.stats().pinned_bytes.load(Ordering::SeqCst), 0, "nothing left pinned");
+    let (_, list) = s.call(reqwest::Method::GET, "/v1/demonstrations", None).await;
+    assert_eq!(list["data"], json!([]));
+    let (status, _) = s.post("/v1/chat/completions", chat(query(&image("small.png")), None)).await;
+    assert_eq!(status, 200, "still serving");
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+
+    // The data directory cannot be created (a file is in the way): 507, nothing registered.
+    let blocker = temp_dir("blocked");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let s = Server::start(model("mpt_x1"), &blocker.join("data")).await;
+    let (status, e) = s.post("/v1/demonstrations", json!({"examples": examples})).await;
+    assert_eq!(status, 507, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("could not be stored"), "{e}");
+    assert_eq!(s.stats().pinned_bytes.load(Ordering::SeqCst), 0, "unpinned again");
+    let (status, _) = s.post("/v1/chat/completions", chat(query(&image("small.png")), None)).await;
+    assert_eq!(status, 200, "still serving");
+    s.stop().await;
+    let _ = std::fs::remove_file(&blocker);
 }

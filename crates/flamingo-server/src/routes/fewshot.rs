@@ -153,9 +153,15 @@ async fn chat_scoring(st: &AppState, rt: &Runtime, req: &ScoreRequest, messages:
 
 pub(super) async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let _guard = Inflight::new(&st);
-    let rt = st.runtime()?;
     let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
-    let req: ScoreRequest = parse_json(&bytes)?;
+    Ok(Json(score_in_process(&st, &bytes).await?).into_response())
+}
+
+/// A `/v1/score` body answered in process, exactly as the endpoint answers it (what `flamingo
+/// eval` runs).
+pub async fn score_in_process(st: &Arc<AppState>, bytes: &[u8]) -> Result<ScoreBody, ApiError> {
+    let rt = st.runtime()?;
+    let req: ScoreRequest = parse_json(bytes)?;
     if let Some(m) = req.model.as_deref() {
         if m != st.served_name {
             return Err(ApiError::model_not_found(m, &st.served_name));
@@ -178,8 +184,8 @@ pub(super) async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         Some(_) => return Err(ApiError::bad_request("`rank_by` is `logprob` or `normalized_logprob`").param("rank_by")),
     };
     let s = match (&req.messages, &req.prompt) {
-        (Some(m), None) => chat_scoring(&st, rt, &req, m).await?,
-        (None, Some(p)) if !p.is_empty() => raw_scoring(&st, rt, &req, p).await?,
+        (Some(m), None) => chat_scoring(st, rt, &req, m).await?,
+        (None, Some(p)) if !p.is_empty() => raw_scoring(st, rt, &req, p).await?,
         (None, Some(_)) => return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt")),
         _ => return Err(ApiError::bad_request("give either `messages` or `prompt`")),
     };
@@ -251,17 +257,27 @@ pub(super) async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         ranking,
         usage: UsageBody::new(prompt_tokens, 0, usage.cached_tokens),
     };
-    Ok(Json(body).into_response())
+    metrics::histogram!(CANDIDATES).record(body.data.len() as f64);
+    Ok(body)
 }
+
+/// Candidates per `/v1/score` request.
+pub const CANDIDATES: &str = "flamingo_score_candidates";
 
 pub(super) async fn create_set(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let _guard = Inflight::new(&st);
-    let rt = st.runtime()?;
     let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
-    let req: RegisterRequest = parse_json(&bytes)?;
-    let (set, created) = st.demos.register(&st, rt, req).await?;
+    let (card, created) = register_in_process(&st, &bytes).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(set.card())).into_response())
+    Ok((status, Json(card)).into_response())
+}
+
+/// A `/v1/demonstrations` registration in process: the set and whether it is new.
+pub async fn register_in_process(st: &Arc<AppState>, bytes: &[u8]) -> Result<(demos::SetCard, bool), ApiError> {
+    let rt = st.runtime()?;
+    let req: RegisterRequest = parse_json(bytes)?;
+    let (set, created) = st.demos.register(st, rt, req).await?;
+    Ok((set.card(), created))
 }
 
 pub(super) async fn list_sets(State(st): State<Arc<AppState>>) -> Result<Json<SetList>, ApiError> {

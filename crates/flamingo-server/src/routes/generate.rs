@@ -57,6 +57,7 @@ struct Submitted {
     streams: Vec<EventStream>,
     plan: Plan,
     prompt_tokens: usize,
+    echo: Option<respond::Echo>,
 }
 
 /// Validates the body, prepares the media and submits every choice to the engine.
@@ -65,15 +66,33 @@ async fn submit(st: &AppState, rt: &Runtime, bytes: &[u8], which: Which) -> Resu
         Which::Chat => validate::chat_with_demonstrations(st, rt, bytes).await?,
         Which::Completion => validate::completion_with_demonstrations(st, rt, bytes).await?,
     };
-    let Generation { prompt, prepared, media, plan } = g;
+    let Generation { prompt, prepared, media, plan, echo } = g;
     let mut all = prepared;
     all.extend(media::prepare(&st.fetcher, &rt.media, media).await?);
     let media = all;
+    let echo = match echo {
+        Some(text) => {
+            // The prompt's tokens after the first, scored after it (all its images attached).
+            let scores = match (plan.logprobs, prompt.split_first()) {
+                (Some(k), Some((first, rest))) if !rest.is_empty() => {
+                    let req = flamingo_engine::ValidRequest::score(vec![*first], media.clone(), vec![rest.to_vec()], k, rt.engine.spec())
+                        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                    Some(rt.engine.submit(req).map_err(|e| ApiError::from_engine(&e, st.retry_after()))?)
+                }
+                _ => None,
+            };
+            Some(respond::Echo { text, prompt: prompt.clone(), scores })
+        }
+        None => None,
+    };
+    if plan.max_new == 0 {
+        return Ok(Submitted { streams: Vec::new(), plan, prompt_tokens: prompt.len(), echo });
+    }
     let mut streams = Vec::with_capacity(plan.choices.len());
     for req in validate::requests(&prompt, media, &plan, &rt.stop_ids, rt.engine.spec())? {
         streams.push(rt.engine.submit(req).map_err(|e| ApiError::from_engine(&e, st.retry_after()))?);
     }
-    Ok(Submitted { streams, plan, prompt_tokens: prompt.len() })
+    Ok(Submitted { streams, plan, prompt_tokens: prompt.len(), echo })
 }
 
 /// Reads and validates the body, prepares the media, submits every choice and answers (JSON
@@ -82,7 +101,13 @@ async fn generate<E: Endpoint>(st: Arc<AppState>, headers: HeaderMap, body: Body
     let guard = Inflight::new(&st);
     let rt = st.runtime()?;
     let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
-    let Submitted { streams, plan, prompt_tokens } = submit(&st, rt, &bytes, which).await?;
+    let Submitted { streams, plan, prompt_tokens, echo } = submit(&st, rt, &bytes, which).await?;
+    if let Some(echo) = echo {
+        let meta = Meta::new::<Completion>(&st.served_name, prompt_tokens);
+        let body = respond::echo(rt, streams, &plan, meta, echo, st.retry_after()).await?;
+        drop(guard);
+        return Ok(Json(body).into_response());
+    }
     let meta = Meta::new::<E>(&st.served_name, prompt_tokens);
     if plan.stream {
         return Ok(crate::stream::respond::<E>(st.clone(), guard, streams, plan, meta));
@@ -102,7 +127,7 @@ pub async fn chat_in_process(st: &Arc<AppState>, body: &[u8]) -> Result<Completi
     if body.len() > st.cfg.limits.max_body_bytes {
         return Err(ApiError::too_large(st.cfg.limits.max_body_bytes));
     }
-    let Submitted { streams, plan, prompt_tokens } = submit(st, rt, body, Which::Chat).await?;
+    let Submitted { streams, plan, prompt_tokens, .. } = submit(st, rt, body, Which::Chat).await?;
     let meta = Meta::new::<Chat>(&st.served_name, prompt_tokens);
     let out = respond::whole::<Chat>(rt, streams, &plan, meta, st.retry_after()).await;
     drop(guard);
