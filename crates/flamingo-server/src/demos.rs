@@ -39,6 +39,14 @@ pub const SETS: &str = "flamingo_demonstration_sets";
 pub const SKIPPED: &str = "flamingo_demonstration_sets_skipped_total";
 pub const SELECTIONS: &str = "flamingo_demonstration_selections_total";
 
+/// Registers the metrics' descriptions.
+pub fn describe() {
+    metrics::describe_gauge!(SETS, "Demonstration sets loaded and pinned on this server");
+    metrics::describe_counter!(SKIPPED, "Stored demonstration sets skipped because they were corrupt or unusable");
+    metrics::describe_counter!(SELECTIONS, "Requests whose demonstrations were selected by image similarity (k)");
+    metrics::describe_histogram!(crate::routes::CANDIDATES, "Candidates per /v1/score request");
+}
+
 /// The URL scheme of a stored image: `blob:<sha256 hex>` (never fetched; only inside stored sets).
 const BLOB: &str = "blob:";
 

@@ -165,6 +165,7 @@ impl AppState {
         let fetcher = Fetcher::new(cfg.fetch.to_fetch_config()).map_err(|e| anyhow::anyhow!("[fetch] configuration: {e}"))?;
         let prometheus = prometheus();
         crate::middleware::describe_metrics();
+        crate::demos::describe();
         let demos = crate::demos::Registry::new(cfg.storage.dir());
         Ok(Arc::new(Self {
             cfg,
