@@ -63,6 +63,32 @@ def main() -> None:
     r = client.completions.create(model=model, prompt="<image>Output:", max_tokens=4, extra_body={"images": [url]})
     assert r.object == "text_completion" and isinstance(r.choices[0].text, str)
 
+    # Few-shot: a demonstration set registered once (client.post), used by id (extra_body) and
+    # equal to the examples inline; candidates scored with /v1/score.
+    example = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Output:"}]},
+        {"role": "assistant", "content": "a picture."},
+    ]
+    card = client.post("/demonstrations", body={"name": "one-shot", "examples": [{"messages": example}]}, cast_to=object)
+    assert card["object"] == "demonstration_set" and card["id"].startswith("demo-"), card
+    inline = client.chat.completions.create(model=model, messages=example + messages, max_tokens=4, logprobs=True)
+    by_id = client.chat.completions.create(model=model, messages=messages, max_tokens=4, logprobs=True, extra_body={"demonstrations": {"id": card["id"]}})
+    assert by_id.choices[0].message.content == inline.choices[0].message.content
+    assert by_id.usage.prompt_tokens == inline.usage.prompt_tokens
+    assert by_id.usage.prompt_tokens_details.cached_tokens >= card["prompt_tokens"]
+    listed = client.get("/demonstrations", cast_to=object)
+    assert [s["id"] for s in listed["data"]] == [card["id"]], listed
+    scores = client.post("/score", body={"model": model, "messages": messages, "demonstrations": {"id": card["id"]}, "candidates": ["a cat.", "a dog."]}, cast_to=object)
+    assert scores["object"] == "score" and sorted(scores["ranking"]) == [0, 1], scores
+    assert all(d["logprob"] < 0 and len(d["token_logprobs"]) == len(d["tokens"]) for d in scores["data"]), scores
+    gone = client.delete(f"/demonstrations/{card['id']}", cast_to=object)
+    assert gone["deleted"] is True
+    try:
+        client.chat.completions.create(model=model, messages=messages, extra_body={"demonstrations": {"id": card["id"]}})
+        raise AssertionError("a deleted set was served")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404
+
     # Errors surface as the client's exception types.
     try:
         client.chat.completions.create(

@@ -30,6 +30,9 @@ async fn official_openai_python_client() {
     cfg.server.port = 0;
     cfg.server.api_keys = vec!["sk-flamingo-test".into()];
     cfg.server.served_model_name = "flamingo-tiny-reference".into();
+    let data = std::env::temp_dir().join(format!("flamingo-openai-client-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    cfg.storage.dir = data.display().to_string();
     let handle = serve(cfg, ModelSource::Dir(repo.join("tests/fixtures/models/mosaicgpt_x1")), false).await.unwrap();
     let base = format!("http://{}", handle.addr);
     let http = reqwest::Client::new();
