@@ -540,10 +540,13 @@ async fn build(st: &AppState, rt: &Runtime, set: StoredSet) -> Result<DemoSet, A
 /// Returns its length.
 async fn pin(rt: &Runtime, set: &DemoSet) -> Result<usize, ApiError> {
     let all: Vec<usize> = (0..set.media.len()).collect();
-    let probe = |text: &str| -> Result<Vec<u32>, ApiError> {
+    // A query that starts with text, another text, and one that starts with an image (the
+    // probes' tokens are only compared, never run).
+    let probe = |parts: Value, text: &str| -> Result<Vec<u32>, ApiError> {
         match &set.examples {
             Examples::Chat(_) => {
-                let q = vec![ChatMessage { role: "user".into(), content: Some(crate::api::MessageContent::Text(text.into())) }];
+                let content: crate::api::MessageContent = serde_json::from_value(parts).map_err(|e| ApiError::internal(e.to_string()))?;
+                let q = vec![ChatMessage { role: "user".into(), content: Some(content) }];
                 let msgs = set_messages(set, &all, &q);
                 let prompt = rt.template.apply(&msgs)?;
                 rt.tokenizer.encode_segments(&prompt.segments()).map_err(|e| ApiError::bad_request(e.to_string()))
@@ -553,8 +556,10 @@ async fn pin(rt: &Runtime, set: &DemoSet) -> Result<usize, ApiError> {
             }
         }
     };
-    let (a, b) = (probe("A")?, probe("Zq")?);
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let a = probe(json!("A"), "A")?;
+    let b = probe(json!("Zq"), "Zq")?;
+    let c = probe(json!([{"type": "image_url", "image_url": {"url": "probe"}}, {"type": "text", "text": "Q"}]), "<image>Q")?;
+    let common = [&b, &c].iter().map(|x| a.iter().zip(x.iter()).take_while(|(p, q)| p == q).count()).min().unwrap_or(0);
     if common == 0 {
         return Ok(0);
     }

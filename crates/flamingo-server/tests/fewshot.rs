@@ -407,3 +407,34 @@ async fn the_pinned_budget_and_an_unwritable_store_refuse_a_set_and_keep_serving
     s.stop().await;
     let _ = std::fs::remove_file(&blocker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idefics_sets_and_scores_follow_its_instruct_template() {
+    let data = temp_dir("idefics");
+    let s = Server::start(ModelSource::Dir(repo().join("tests/fixtures/idefics/idefics_x1")), &data).await;
+    let examples = vec![example(&image("chelsea.png"), "a cat."), example(&image("coffee.png"), "a cup.")];
+    let (status, set) = s.post("/v1/demonstrations", json!({"examples": examples})).await;
+    assert_eq!(status, 201, "{set}");
+    let (id, pinned) = (set["id"].clone(), set["prompt_tokens"].as_u64().unwrap());
+    assert!(pinned > 0);
+    let q = query(&image("camera.png"));
+    // By id first (computing the query after the pinned prefix), then inline (the same tokens).
+    let (status, by_id) = s.post("/v1/chat/completions", chat(q.clone(), Some(json!({"id": id})))).await;
+    assert_eq!(status, 200, "{by_id}");
+    assert_eq!(by_id["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(), Some(pinned));
+    let (_, inline) = s.post("/v1/chat/completions", chat(inline(&examples, &[0, 1], &q), None)).await;
+    assert_eq!(by_id["usage"]["prompt_tokens"], inline["usage"]["prompt_tokens"]);
+    assert_eq!(by_id["choices"][0]["token_ids"], inline["choices"][0]["token_ids"]);
+    // Scoring the reply the template writes: with include_end its last token is <end_of_utterance>.
+    let body = json!({"messages": q, "demonstrations": {"id": id}, "candidates": ["a man.", "a dog."], "include_end": true});
+    let (status, v) = s.post("/v1/score", body).await;
+    assert_eq!(status, 200, "{v}");
+    let eou = v["data"][0]["tokens"].as_array().unwrap().last().cloned();
+    assert_eq!(eou, Some(json!("<end_of_utterance>")), "{v}");
+    let body = json!({"messages": q, "demonstrations": {"id": id}, "candidates": ["a man.", "a dog."]});
+    let (_, without) = s.post("/v1/score", body).await;
+    let n = |v: &Value| v["data"][0]["token_ids"].as_array().unwrap().len();
+    assert_eq!(n(&without) + 1, n(&v), "the end token only with include_end");
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+}
