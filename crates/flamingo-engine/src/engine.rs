@@ -165,12 +165,12 @@ fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting
                 return;
             }
             match rx.recv() {
-                Ok(cmd) => handle(&mut sched, cmd, &waiting, &mut shutting_down),
+                Ok(cmd) => handle(&mut sched, cmd, &waiting, &stats, &mut shutting_down),
                 Err(_) => return,
             }
         }
         while let Ok(cmd) = rx.try_recv() {
-            handle(&mut sched, cmd, &waiting, &mut shutting_down);
+            handle(&mut sched, cmd, &waiting, &stats, &mut shutting_down);
         }
         let report = sched.step();
         if report.left_waiting > 0 {
@@ -185,10 +185,14 @@ fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting
     }
 }
 
-fn handle<B: Backend>(sched: &mut Scheduler<B>, cmd: Command, waiting: &AtomicUsize, shutting_down: &mut bool) {
+fn handle<B: Backend>(sched: &mut Scheduler<B>, cmd: Command, waiting: &AtomicUsize, stats: &EngineStats, shutting_down: &mut bool) {
     match cmd {
         Command::Unpin(set, tx) => {
-            let _ = tx.send(sched.unpin(&set));
+            let was = sched.unpin(&set);
+            // Counted before the answer, so a caller that was answered sees the bytes freed.
+            stats.pinned_bytes.store(sched.pinned_bytes(), Ordering::SeqCst);
+            stats.pinned_sets.store(sched.pinned_sets().len(), Ordering::SeqCst);
+            let _ = tx.send(was);
         }
         Command::Embed(media, tx) => {
             let out = media.iter().map(|m| sched.backend().embed(m).map_err(EngineError::from)).collect();

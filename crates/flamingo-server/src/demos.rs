@@ -479,7 +479,6 @@ fn prefixed(mut e: ApiError, param: &str) -> ApiError {
 /// A stored set made ready to serve: its examples parsed, its media decoded from the blobs,
 /// its embeddings computed and its prefix pinned.
 async fn build(st: &AppState, rt: &Runtime, set: StoredSet) -> Result<DemoSet, ApiError> {
-    let _ = st;
     let bad = |m: String| ApiError::bad_request(format!("demonstration set {}: {m}", set.id));
     let kind = set.examples.get("kind").and_then(Value::as_str).unwrap_or("");
     let list = set.examples.get("examples").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -530,7 +529,7 @@ async fn build(st: &AppState, rt: &Runtime, set: StoredSet) -> Result<DemoSet, A
     let embeddings = lasts.iter().map(|l| l.as_ref().and_then(|_| embedded.next())).collect();
     let mut demo =
         DemoSet { id: set.id.clone(), name: set.name.clone(), created: set.created, examples, media, embeddings, prompt_tokens: 0 };
-    demo.prompt_tokens = pin(rt, &demo).await?;
+    demo.prompt_tokens = pin(rt, &demo, st.retry_after()).await?;
     Ok(demo)
 }
 
@@ -538,7 +537,7 @@ async fn build(st: &AppState, rt: &Runtime, set: StoredSet) -> Result<DemoSet, A
 /// set followed by two different probe queries agree (so whatever the template or the
 /// tokenizer does at the boundary, the pinned tokens are a prefix of every such prompt).
 /// Returns its length.
-async fn pin(rt: &Runtime, set: &DemoSet) -> Result<usize, ApiError> {
+async fn pin(rt: &Runtime, set: &DemoSet, retry_after: u64) -> Result<usize, ApiError> {
     let all: Vec<usize> = (0..set.media.len()).collect();
     // A query that starts with text, another text, and one that starts with an image (the
     // probes' tokens are only compared, never run).
@@ -567,11 +566,11 @@ async fn pin(rt: &Runtime, set: &DemoSet) -> Result<usize, ApiError> {
     let images = prefix.iter().filter(|&&t| t == rt.tokenizer.media_token_id()).count();
     let media: Vec<PreparedMedia> = set.media.iter().flatten().take(images).cloned().collect();
     let req = ValidRequest::pin(set.id.clone(), prefix, media, rt.engine.spec()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let mut events = rt.engine.submit(req).map_err(|e| ApiError::from_engine(&e, 1))?;
+    let mut events = rt.engine.submit(req).map_err(|e| ApiError::from_engine(&e, retry_after))?;
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Pinned { .. } => return Ok(common),
-            Event::Error(e) => return Err(ApiError::from_engine(&e, 1)),
+            Event::Error(e) => return Err(ApiError::from_engine(&e, retry_after)),
             _ => {}
         }
     }

@@ -335,14 +335,18 @@ pub async fn echo(
 ) -> Result<CompletionBody<TextChoice>, ApiError> {
     let tok = &rt.tokenizer;
     let mut prompt_lp = CompletionLogprobs::default();
-    if let Some(mut rx) = echo.scores {
-        let scored = loop {
-            match rx.recv().await {
-                Some(Event::Scored { mut scores, .. }) => break scores.pop().unwrap_or_default(),
-                Some(Event::Error(e)) => return Err(ApiError::from_engine(&e, retry_after)),
-                Some(_) => {}
-                None => return Err(ApiError::unavailable("the engine stopped", retry_after)),
-            }
+    if plan.logprobs.is_some() {
+        // A one-token prompt has nothing scored: its token's entry is null.
+        let scored = match echo.scores {
+            Some(mut rx) => loop {
+                match rx.recv().await {
+                    Some(Event::Scored { mut scores, .. }) => break scores.pop().unwrap_or_default(),
+                    Some(Event::Error(e)) => return Err(ApiError::from_engine(&e, retry_after)),
+                    Some(_) => {}
+                    None => return Err(ApiError::unavailable("the engine stopped", retry_after)),
+                }
+            },
+            None => Vec::new(),
         };
         let mut at = 0;
         for (i, &id) in echo.prompt.iter().enumerate() {

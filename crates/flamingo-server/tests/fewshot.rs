@@ -438,3 +438,68 @@ async fn idefics_sets_and_scores_follow_its_instruct_template() {
     s.stop().await;
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_embeddings_are_open_clips_encode_image() {
+    let fx = fixture("rices.json");
+    let data = temp_dir("embed");
+    let s = Server::start(model(fx["vision_encoder"]["case"].as_str().unwrap()), &data).await;
+    let rt = s.handle.state.model().expect("loaded");
+    for item in fx["pool"].as_array().unwrap().iter().chain(fx["queries"].as_array().unwrap()) {
+        let file = item["file"].as_str().unwrap();
+        let bytes = std::fs::read(repo().join("tests/fixtures/fewshot/images").join(file)).unwrap();
+        let media = rt.media.image(&bytes).unwrap();
+        let got = rt.engine.embed(vec![media]).await.unwrap().remove(0);
+        let want: Vec<f64> = item["feature"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(got.len(), want.len(), "{file}");
+        let worst = got.iter().zip(&want).map(|(g, w)| (f64::from(*g) - w).abs()).fold(0.0, f64::max);
+        assert!(worst <= 1e-5, "{file}: max difference {worst}");
+    }
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_sets_serve_completions_and_raw_scores_as_the_prompt_inline() {
+    let data = temp_dir("raw");
+    let s = Server::start_with(model("llama_x1"), &data, |c| c.limits.max_demonstration_examples = 2).await;
+    let shots = ["<image>Output: a cat.<|endofchunk|>", "<image>Output: a cup.<|endofchunk|>"];
+    let imgs = [image("chelsea.png"), image("coffee.png")];
+    let examples: Vec<Value> = shots.iter().zip(&imgs).map(|(p, i)| json!({"prompt": p, "images": [i]})).collect();
+    let (status, set) = s.post("/v1/demonstrations", json!({"name": "raw", "examples": examples})).await;
+    assert_eq!(status, 201, "{set}");
+    assert_eq!(set["kind"], "raw");
+    let id = set["id"].clone();
+    let (q, qimg) = ("<image>Output:", image("camera.png"));
+    let whole = format!("{}{}{q}", shots[0], shots[1]);
+    let body = |prompt: &str, images: Vec<String>, demos: Option<&Value>| {
+        let mut b = json!({"prompt": prompt, "images": images, "max_tokens": 5, "logprobs": 1, "return_token_ids": true});
+        if let Some(d) = demos {
+            b["demonstrations"] = json!({"id": d});
+        }
+        b
+    };
+    let (status, by_id) = s.post("/v1/completions", body(q, vec![qimg.clone()], Some(&id))).await;
+    assert_eq!(status, 200, "{by_id}");
+    let all = vec![imgs[0].clone(), imgs[1].clone(), qimg.clone()];
+    let (_, inline) = s.post("/v1/completions", body(&whole, all.clone(), None)).await;
+    assert_eq!(by_id["choices"][0]["token_ids"], inline["choices"][0]["token_ids"]);
+    assert_eq!(by_id["usage"]["prompt_tokens"], inline["usage"]["prompt_tokens"]);
+    assert!(by_id["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() >= set["prompt_tokens"].as_u64().unwrap() - 1);
+    // The raw form of /v1/score with the set.
+    let (status, a) =
+        s.post("/v1/score", json!({"prompt": q, "images": [qimg], "demonstrations": {"id": id}, "candidates": [" a man."]})).await;
+    assert_eq!(status, 200, "{a}");
+    let (_, b) = s.post("/v1/score", json!({"prompt": whole, "images": all, "candidates": [" a man."]})).await;
+    for (x, y) in a["data"][0]["token_logprobs"].as_array().unwrap().iter().zip(b["data"][0]["token_logprobs"].as_array().unwrap()) {
+        assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() <= 1e-5, "{a} vs {b}");
+    }
+    // A chat request cannot use a raw set; a set over the configured size is refused.
+    let (status, e) = s.post("/v1/chat/completions", chat(query(&image("small.png")), Some(json!({"id": id})))).await;
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("demonstrations.id")), "{e}");
+    let three = json!({"examples": [examples[0], examples[1], examples[0]]});
+    let (status, e) = s.post("/v1/demonstrations", three).await;
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("examples")), "{e}");
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -11,7 +11,8 @@
 //!   table of boundary values the spec and the server agree on what is valid;
 //! - the documented defaults (`max_tokens`, greedy decoding, ...) are what the server does;
 //! - every operation and every documented status was exercised (500 excepted: it needs an
-//!   internal failure).
+//!   internal failure), the demonstration-set endpoints included: the servers of the test share
+//!   one temporary storage directory (as replicas would; never the user's data directory).
 //!
 //! `FLAMINGO_OPENAPI=/path/to/other.yaml` checks another copy of the spec (to see this test
 //! fail on a spec that disagrees with the server without editing the real file).
@@ -31,6 +32,11 @@ const DIALECT: &str = "https://json-schema.org/draft/2020-12/schema";
 const MODEL: &str = "flamingo-tiny-reference";
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
+const SCORE: &str = "/v1/score";
+const DEMOS: &str = "/v1/demonstrations";
+const DEMO: &str = "/v1/demonstrations/{id}";
+/// A well-formed demonstration-set id that no set has.
+const NO_SET: &str = "demo-000000000000000000000000";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -657,7 +663,7 @@ impl Checker {
             }
         }
         // A request the server accepted is valid under the spec's request schema.
-        if let (Some(t), Some(sent), 200) = (template, &sent, status) {
+        if let (Some(t), Some(sent), 200 | 201) = (template, &sent, status) {
             if let Some(rs) = self.spec.operation(t, &method).and_then(|op| op["requestBody"]["content"]["application/json"].get("schema"))
             {
                 for e in self.spec.errors(rs, sent) {
@@ -743,11 +749,18 @@ impl Checker {
 // Servers
 // ------------------------------------------------------------------------------------------
 
+/// Where the test's servers store demonstration sets (never the user's data directory). The
+/// servers of the test share it, as replicas behind one load balancer would.
+fn storage_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("flamingo-openapi-{}", std::process::id()))
+}
+
 fn cfg() -> Config {
     let mut c = Config::defaults();
     c.server.port = 0;
     c.server.shutdown_grace_seconds = 10;
     c.server.served_model_name = MODEL.into();
+    c.storage.dir = storage_dir().to_string_lossy().into_owned();
     c
 }
 
@@ -788,6 +801,7 @@ fn merge(base: &Value, extra: &Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_match_the_spec() {
     let c = Checker::new();
+    let _ = std::fs::remove_dir_all(storage_dir());
     let (handle, base) = start(cfg()).await;
     let b = base.as_str();
 
@@ -815,7 +829,7 @@ async fn responses_match_the_spec() {
     // A listed path with a method the spec does not list: 405 in the OpenAI error shape
     // (documented in the introduction).
     for (path, item) in c.spec.doc["paths"].as_object().unwrap() {
-        let concrete = path.replace("{model}", MODEL);
+        let concrete = path.replace("{model}", MODEL).replace("{id}", NO_SET);
         for m in [Method::GET, Method::POST, Method::DELETE] {
             if item.get(m.as_str().to_ascii_lowercase()).is_some() {
                 continue;
@@ -979,13 +993,39 @@ async fn responses_match_the_spec() {
         400,
     )
     .await;
-    c.expect(b, COMPLETIONS, json!({"prompt": "x", "echo": true}), 400).await;
+    // echo: the prompt before the text; with max_tokens 0 the prompt alone, with its
+    // log-probabilities (the first token's null).
+    let prompt = "<image>Output: two cats.";
+    let echoed = json!({"prompt": prompt, "images": [data_url("small.png")], "echo": true, "logprobs": 2});
+    let r = c.expect(b, COMPLETIONS, merge(&echoed, &json!({"max_tokens": 0})), 200).await;
+    let choice = &r.json["choices"][0];
+    assert_eq!((&choice["text"], &choice["finish_reason"]), (&json!(prompt), &json!("length")));
+    let lp = &choice["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len() as u64, r.json["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    assert!(lp["token_logprobs"][1].is_number());
+    assert_eq!(r.json["usage"]["completion_tokens"], 0);
+    let r = c.expect(b, COMPLETIONS, merge(&echoed, &json!({"max_tokens": 3, "return_token_ids": true})), 200).await;
+    let choice = &r.json["choices"][0];
+    assert!(choice["text"].as_str().unwrap().starts_with(prompt));
+    let generated = choice["token_ids"].as_array().unwrap().len() - usize::from(choice["finish_reason"] == "stop");
+    assert_eq!(choice["logprobs"]["tokens"].as_array().unwrap().len(), lp["tokens"].as_array().unwrap().len() + generated);
+    let r = c.expect(b, COMPLETIONS, json!({"prompt": "A photo of", "echo": true, "max_tokens": 2}), 200).await;
+    assert!(r.json["choices"][0]["text"].as_str().unwrap().starts_with("A photo of") && r.json["choices"][0]["logprobs"].is_null());
+    for bad in [json!({"stream": true}), json!({"demonstrations": {"id": NO_SET}})] {
+        let r = c.expect(b, COMPLETIONS, merge(&json!({"prompt": "A photo of", "echo": true}), &bad), 400).await;
+        assert_eq!(r.json["error"]["param"], "echo");
+    }
+    c.expect(b, COMPLETIONS, json!({"prompt": "A photo of", "max_tokens": 0}), 400).await;
     c.expect(b, CHAT, json!({"messages": user(&"word ".repeat(3000))}), 400).await;
 
     // ---- documented defaults are what the server does
     check_defaults(&c, b).await;
     // ---- the spec and the server agree on what is valid
     check_probes(&c, b).await;
+    // ---- demonstration sets and scoring
+    let chat_set = check_demonstrations(&c, b).await;
+    let chat_id = chat_set["id"].as_str().unwrap().to_string();
 
     handle.shutdown().await.unwrap();
 
@@ -998,11 +1038,19 @@ async fn responses_match_the_spec() {
     let (handle, base) = start(cfg2).await;
     let b = base.as_str();
     let key = [("authorization", "Bearer sk-test")];
-    for (method, template, path, body) in [
-        (Method::GET, "/v1/models", "/v1/models".to_string(), None),
-        (Method::GET, "/v1/models/{model}", format!("/v1/models/{MODEL}"), None),
-        (Method::POST, CHAT, CHAT.to_string(), Some(json!({"messages": user("x"), "max_tokens": 2}))),
-        (Method::POST, COMPLETIONS, COMPLETIONS.to_string(), Some(json!({"prompt": "x", "max_tokens": 2}))),
+    // This server shares the storage directory with the first one (a replica): it knows the
+    // chat set from the store, but max_waiting = 0 refuses the engine work of pinning it (429),
+    // as it refuses every generation, scoring and registration.
+    for (method, template, path, body, want) in [
+        (Method::GET, "/v1/models", "/v1/models".to_string(), None, 200),
+        (Method::GET, "/v1/models/{model}", format!("/v1/models/{MODEL}"), None, 200),
+        (Method::POST, CHAT, CHAT.to_string(), Some(json!({"messages": user("x"), "max_tokens": 2})), 429),
+        (Method::POST, COMPLETIONS, COMPLETIONS.to_string(), Some(json!({"prompt": "x", "max_tokens": 2})), 429),
+        (Method::POST, SCORE, SCORE.to_string(), Some(json!({"prompt": "A photo of", "candidates": [" a cat."]})), 429),
+        (Method::POST, DEMOS, DEMOS.to_string(), Some(json!({"examples": [{"prompt": "A photo of a cat.<|endofchunk|>"}]})), 429),
+        (Method::GET, DEMOS, DEMOS.to_string(), None, 200),
+        (Method::GET, DEMO, format!("{DEMOS}/{chat_id}"), None, 429),
+        (Method::DELETE, DEMO, format!("{DEMOS}/{NO_SET}"), None, 404),
     ] {
         let body = || body.clone().map(Body::Json).unwrap_or(Body::None);
         let r = c.send(b, method.clone(), Some(template), &path, body(), &[]).await;
@@ -1011,18 +1059,24 @@ async fn responses_match_the_spec() {
         let r = c.send(b, method.clone(), Some(template), &path, body(), &[("authorization", "Bearer sk-wrong")]).await;
         assert_eq!(r.status, 401);
         let r = c.send(b, method.clone(), Some(template), &path, body(), &key).await;
-        let want = if method == Method::GET { 200 } else { 429 }; // max_waiting = 0: every generation is refused
         assert_eq!(r.status, want, "{method} {path} with the key: {}", r.json);
         if want == 429 {
-            assert_eq!(r.header("retry-after"), Some("3"));
+            assert_eq!(r.header("retry-after"), Some("3"), "{method} {path}");
         }
         if method == Method::POST {
-            let big = if template == CHAT { json!({"messages": user(&"x".repeat(5000))}) } else { json!({"prompt": "x".repeat(5000)}) };
+            let big = match template {
+                CHAT => json!({"messages": user(&"x".repeat(5000))}),
+                SCORE => json!({"prompt": "x".repeat(5000), "candidates": ["a"]}),
+                DEMOS => json!({"examples": [{"prompt": "x".repeat(5000)}]}),
+                _ => json!({"prompt": "x".repeat(5000)}),
+            };
             let r = c.send(b, Method::POST, Some(template), &path, Body::Json(big), &key).await;
             assert_eq!(r.status, 413);
             assert_eq!(r.json["error"]["code"], "request_too_large");
         }
     }
+    let r = c.send(b, Method::GET, Some(DEMOS), DEMOS, Body::None, &key).await;
+    assert!(r.json["data"].as_array().unwrap().iter().all(|s| s["id"] != chat_id.as_str()), "a set this replica cannot pin is not listed");
     // /health and /metrics need no key.
     assert_eq!(c.get(b, "/health", "/health").await.status, 200);
     assert_eq!(c.get(b, "/metrics", "/metrics").await.status, 200);
@@ -1039,9 +1093,39 @@ async fn responses_match_the_spec() {
     assert_eq!((r.status, r.json["status"].as_str()), (503, Some("loading")));
     c.expect(b, CHAT, json!({"messages": user("x")}), 503).await;
     c.expect(b, COMPLETIONS, json!({"prompt": "x"}), 503).await;
+    c.expect(b, SCORE, json!({"prompt": "x", "candidates": ["a"]}), 503).await;
+    c.expect(b, DEMOS, json!({"examples": [{"prompt": "x"}]}), 503).await;
+    assert_eq!(c.get(b, DEMOS, DEMOS).await.status, 503);
+    assert_eq!(get_set(&c, b, &chat_id).await.status, 503);
+    assert_eq!(delete_set(&c, b, &chat_id).await.status, 503);
     let r = c.get(b, "/v1/models", "/v1/models").await;
     assert_eq!(r.json["data"][0]["id"], "not-loaded");
     task.abort();
+
+    // ---- a replica whose pinned memory (engine.pinned_bytes) is too small for the sets
+    let mut small = cfg();
+    small.engine.pinned_bytes = 1;
+    let (handle, base) = start(small).await;
+    let b = base.as_str();
+    let r = get_set(&c, b, &chat_id).await;
+    assert_eq!(r.status, 400, "a stored set this replica cannot pin: {}", r.json);
+    let r = c.expect(b, DEMOS, json!({"examples": [raw_example("coffee.jpg", "a cup of coffee.")]}), 400).await;
+    assert!(r.json["error"]["message"].as_str().unwrap().contains("pinned"), "{}", r.json);
+    handle.shutdown().await.unwrap();
+
+    // ---- a replica sharing the storage: it restores the sets at start, under the same ids
+    let (handle, base) = start(cfg()).await;
+    let b = base.as_str();
+    let r = get_set(&c, b, &chat_id).await;
+    assert_eq!(r.json, chat_set, "the set, as the replica that registered it described it");
+    let r = c.get(b, DEMOS, DEMOS).await;
+    assert!(r.json["data"].as_array().unwrap().contains(&chat_set), "restored at start: {}", r.json);
+    let r = delete_set(&c, b, &chat_id).await;
+    assert_eq!(r.status, 200);
+    assert!(!storage_dir().join("demonstrations").join(format!("{chat_id}.json")).exists(), "the stored file is removed");
+    assert_eq!(get_set(&c, b, &chat_id).await.status, 404);
+    handle.shutdown().await.unwrap();
+    let _ = std::fs::remove_dir_all(storage_dir());
 
     // ---- coverage: every operation, status and content type of the spec was exercised
     let seen = c.seen.lock().unwrap().clone();
@@ -1207,6 +1291,19 @@ async fn check_probes(c: &Checker, b: &str) {
         (json!({"model": null}), true),
         (json!({"model": 5}), false),
         (json!({"tools": [{"type": "function"}], "response_format": {"type": "json_object"}, "whatever": 1}), true),
+        // The demonstrations extension (the set is looked up after every field was checked).
+        (json!({"demonstrations": {"id": NO_SET}}), true),
+        (json!({"demonstrations": {"id": "not-a-set-id", "k": 2}}), true),
+        (json!({"demonstrations": {"id": NO_SET, "k": null}}), true),
+        (json!({"demonstrations": null}), true),
+        (json!({"demonstrations": NO_SET}), false),
+        (json!({"demonstrations": {}}), false),
+        (json!({"demonstrations": {"id": 5}}), false),
+        (json!({"demonstrations": {"k": 2}}), false),
+        (json!({"demonstrations": {"id": NO_SET, "k": -1}}), false),
+        (json!({"demonstrations": {"id": NO_SET, "k": 1.5}}), false),
+        (json!({"demonstrations": {"id": NO_SET, "k": "2"}}), false),
+        (json!({"demonstrations": {"id": NO_SET, "top": 2}}), false),
     ];
     let chat_only: Vec<(Value, bool)> = vec![
         (json!({"logprobs": true}), true),
@@ -1227,8 +1324,18 @@ async fn check_probes(c: &Checker, b: &str) {
         (json!({"logprobs": -1}), false),
         (json!({"logprobs": true}), false),
         (json!({"num_beams": 2, "logprobs": 0}), false),
-        (json!({"echo": true}), false),
+        (json!({"echo": true}), true),
         (json!({"echo": false}), true),
+        (json!({"echo": null}), true),
+        (json!({"echo": "yes"}), false),
+        (json!({"echo": true, "max_tokens": 0}), true),
+        (json!({"echo": true, "max_tokens": 0, "logprobs": 3}), true),
+        (json!({"echo": false, "max_tokens": 0}), false),
+        (json!({"echo": true, "max_tokens": 0, "max_completion_tokens": 0}), false),
+        (json!({"echo": true, "stream": true}), false),
+        (json!({"echo": true, "stream": false}), true),
+        (json!({"echo": true, "demonstrations": {"id": NO_SET}}), false),
+        (json!({"echo": true, "demonstrations": null}), true),
         (json!({"suffix": ""}), true),
         (json!({"suffix": "end"}), false),
         (json!({"prompt": ["<image>"]}), true),
@@ -1353,6 +1460,465 @@ async fn check_probes(c: &Checker, b: &str) {
                 valid_str(spec_ok),
                 valid_str(expected),
                 valid_str(server_ok),
+                r.json
+            ));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Demonstration sets and scoring
+// ------------------------------------------------------------------------------------------
+
+fn image_part(url: String) -> Value {
+    json!({"type": "image_url", "image_url": {"url": url}})
+}
+
+/// A captioning example in OpenFlamingo's format, as chat messages.
+fn chat_example(image: &str, answer: &str) -> Value {
+    json!({"messages": [
+        {"role": "user", "content": [image_part(data_url(image)), {"type": "text", "text": "Output:"}]},
+        {"role": "assistant", "content": answer},
+    ]})
+}
+
+/// The same example as a raw prompt with its image.
+fn raw_example(image: &str, answer: &str) -> Value {
+    json!({"prompt": format!("<image>Output: {answer}<|endofchunk|>"), "images": [data_url(image)]})
+}
+
+/// The query of the few-shot requests: an image to caption.
+fn query_messages(image: &str) -> Value {
+    json!([{"role": "user", "content": [image_part(data_url(image)), {"type": "text", "text": "Output:"}]}])
+}
+
+/// The messages of chat `examples`, in order, then `query`: what a set is the same as.
+fn inline_messages(examples: &[&Value], query: &Value) -> Value {
+    let mut out: Vec<Value> = examples.iter().flat_map(|e| e["messages"].as_array().unwrap().clone()).collect();
+    out.extend(query.as_array().unwrap().iter().cloned());
+    Value::Array(out)
+}
+
+/// The prompts of raw `examples` concatenated, then `prompt`; and their images, then `images`.
+fn inline_prompt(examples: &[&Value], prompt: &str, images: &[Value]) -> (String, Vec<Value>) {
+    let text = examples.iter().map(|e| e["prompt"].as_str().unwrap()).collect::<String>() + prompt;
+    let mut all: Vec<Value> = examples.iter().flat_map(|e| e["images"].as_array().unwrap().clone()).collect();
+    all.extend(images.iter().cloned());
+    (text, all)
+}
+
+async fn get_set(c: &Checker, b: &str, id: &str) -> Reply {
+    c.send(b, Method::GET, Some(DEMO), &format!("{DEMOS}/{id}"), Body::None, &[]).await
+}
+
+async fn delete_set(c: &Checker, b: &str, id: &str) -> Reply {
+    c.send(b, Method::DELETE, Some(DEMO), &format!("{DEMOS}/{id}"), Body::None, &[]).await
+}
+
+/// Whether two generations have the same prompt length and the same answers, token for token.
+fn same_answer(a: &Reply, b: &Reply) -> bool {
+    let ids = |r: &Reply| r.json["choices"].as_array().map(|a| a.iter().map(|c| c["token_ids"].clone()).collect::<Vec<_>>());
+    let given = ids(a).is_some_and(|v| v.iter().all(Value::is_array));
+    given && a.json["usage"]["prompt_tokens"] == b.json["usage"]["prompt_tokens"] && ids(a) == ids(b)
+}
+
+fn assert_same_answer(inline: &Reply, with_set: &Reply, what: &str) {
+    assert!(
+        same_answer(inline, with_set),
+        "{what}: a request naming a set is served as if its examples were inline\n  inline: {}\n  with the set: {}",
+        inline.json,
+        with_set.json
+    );
+}
+
+/// The documented relations of a score response: one entry per candidate in order, `logprob`
+/// the sum and `normalized_logprob` the mean of `token_logprobs`, `ranking` best first by
+/// `rank_by`, no completion tokens.
+fn check_scores(r: &Reply, candidates: &Value, rank_by: &str, top: usize) {
+    assert_eq!(r.status, 200, "{}", r.json);
+    let data = r.json["data"].as_array().unwrap();
+    let cands = candidates.as_array().unwrap();
+    assert_eq!(data.len(), cands.len());
+    for (i, (d, cand)) in data.iter().zip(cands).enumerate() {
+        assert_eq!((d["index"].as_u64(), &d["candidate"]), (Some(i as u64), cand));
+        let lps: Vec<f64> = d["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(d["tokens"].as_array().unwrap().len(), lps.len());
+        assert_eq!(d["token_ids"].as_array().unwrap().len(), lps.len());
+        let sum: f64 = lps.iter().sum();
+        assert!((d["logprob"].as_f64().unwrap() - sum).abs() < 1e-3, "logprob is the sum: {d}");
+        assert!((d["normalized_logprob"].as_f64().unwrap() - sum / lps.len() as f64).abs() < 1e-3, "normalized_logprob is the mean: {d}");
+        match top {
+            0 => assert!(d.get("top_logprobs").is_none(), "top_logprobs only when asked: {d}"),
+            k => {
+                let tops = d["top_logprobs"].as_array().unwrap();
+                assert_eq!(tops.len(), lps.len());
+                assert!(tops.iter().all(|t| (1..=k).contains(&t.as_object().unwrap().len())), "{d}");
+            }
+        }
+    }
+    let ranking: Vec<usize> = r.json["ranking"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    let mut sorted = ranking.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..data.len()).collect::<Vec<_>>(), "ranking is a permutation of the candidates");
+    let key = |i: usize| data[i][rank_by].as_f64().unwrap();
+    assert!(
+        ranking.windows(2).all(|w| key(w[0]) > key(w[1]) || (key(w[0]) == key(w[1]) && w[0] < w[1])),
+        "ranked by {rank_by}: {}",
+        r.json
+    );
+    let u = &r.json["usage"];
+    assert_eq!((u["completion_tokens"].as_u64(), u["total_tokens"].clone()), (Some(0), u["prompt_tokens"].clone()));
+}
+
+/// Whether two score responses score the same tokens with the same log-probabilities.
+fn assert_same_scores(inline: &Reply, with_set: &Reply, what: &str) {
+    let (a, b) = (&inline.json, &with_set.json);
+    let close =
+        a["data"].as_array().unwrap().iter().zip(b["data"].as_array().unwrap()).all(|(x, y)| {
+            x["token_ids"] == y["token_ids"] && (x["logprob"].as_f64().unwrap() - y["logprob"].as_f64().unwrap()).abs() < 1e-3
+        });
+    assert!(
+        close && a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"] && a["ranking"] == b["ranking"],
+        "{what}: scoring with a set is scoring with its examples inline\n  inline: {a}\n  with the set: {b}"
+    );
+}
+
+/// Registers, lists, describes, uses and deletes demonstration sets; scores candidates with and
+/// without them. Returns the card of a chat set left registered (and stored) for the replicas.
+async fn check_demonstrations(c: &Checker, b: &str) -> Value {
+    let small = data_url("small.png");
+
+    // ---- registration: 201, then 200 for the same content
+    let examples = [
+        chat_example("small.png", "a small picture."),
+        chat_example("chelsea.png", "two cats."),
+        chat_example("coffee.jpg", "a cup of coffee."),
+    ];
+    let chat_body = json!({"name": "captions", "examples": examples});
+    let r = c.expect(b, DEMOS, chat_body.clone(), 201).await;
+    let chat_set = r.json.clone();
+    let chat_id = chat_set["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (&chat_set["kind"], &chat_set["examples"], &chat_set["images"], &chat_set["name"]),
+        (&json!("chat"), &json!(3), &json!(3), &json!("captions"))
+    );
+    assert!(chat_set["prompt_tokens"].as_u64().unwrap() > 0, "the set's prefix is pinned: {chat_set}");
+    assert!(storage_dir().join("demonstrations").join(format!("{chat_id}.json")).is_file(), "stored under storage.dir");
+    let again = c.expect(b, DEMOS, chat_body.clone(), 200).await;
+    assert_eq!(again.json, chat_set, "the same content again: the card of the set registered before");
+    // The id is derived from the content, the name included.
+    let renamed_body = merge(&chat_body, &json!({"name": "captions, again"}));
+    let renamed = c.expect(b, DEMOS, renamed_body.clone(), 201).await;
+    let renamed_id = renamed.json["id"].as_str().unwrap().to_string();
+    assert_ne!(renamed_id, chat_id);
+
+    let mut raw_examples = [raw_example("small.png", "a small picture."), raw_example("chelsea.png", "two cats.")];
+    raw_examples[1]["images"] = json!([{"url": data_url("chelsea.png")}]);
+    let r = c.expect(b, DEMOS, json!({"examples": raw_examples}), 201).await;
+    let raw_id = r.json["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (&r.json["kind"], &r.json["examples"], &r.json["images"], &r.json["name"]),
+        (&json!("raw"), &json!(2), &json!(2), &json!(""))
+    );
+
+    // ---- listed, and described one by one
+    let list = c.get(b, DEMOS, DEMOS).await;
+    assert_eq!(list.status, 200);
+    let listed = list.json["data"].as_array().unwrap().clone();
+    for id in [&chat_id, &renamed_id, &raw_id] {
+        let entry = listed.iter().find(|s| s["id"] == id.as_str()).unwrap_or_else(|| panic!("{id} is listed: {}", list.json));
+        let r = get_set(c, b, id).await;
+        assert_eq!((r.status, &r.json), (200, entry));
+    }
+
+    // ---- chat completions with a chat set: the same as its examples sent inline
+    let query = query_messages("small.png");
+    let gen = json!({"max_tokens": 6, "return_token_ids": true});
+    let all: Vec<&Value> = examples.iter().collect();
+    let inline = c.expect(b, CHAT, merge(&gen, &json!({"messages": inline_messages(&all, &query)})), 200).await;
+    let with_set = c.expect(b, CHAT, merge(&gen, &json!({"messages": query, "demonstrations": {"id": chat_id}})), 200).await;
+    assert_same_answer(&inline, &with_set, "chat, the whole set");
+    assert!(with_set.json["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0, "the pinned prefix is reused");
+    // RICES: k = 1 takes the most similar example (the one with the query's own image).
+    let k1 = c.expect(b, CHAT, merge(&gen, &json!({"messages": query, "demonstrations": {"id": chat_id, "k": 1}})), 200).await;
+    let inline1 = c.expect(b, CHAT, merge(&gen, &json!({"messages": inline_messages(&[&examples[0]], &query)})), 200).await;
+    assert_same_answer(&inline1, &k1, "chat, k = 1");
+    // k = 2: the two most similar, the most similar last.
+    let k2 = c.expect(b, CHAT, merge(&gen, &json!({"messages": query, "demonstrations": {"id": chat_id, "k": 2}})), 200).await;
+    let mut matched = false;
+    for other in [&examples[1], &examples[2]] {
+        let r = c.expect(b, CHAT, merge(&gen, &json!({"messages": inline_messages(&[other, &examples[0]], &query)})), 200).await;
+        matched |= same_answer(&r, &k2);
+    }
+    assert!(matched, "chat, k = 2: another example, then the most similar: {}", k2.json);
+    // Streamed.
+    let s = c
+        .expect(
+            b,
+            CHAT,
+            json!({"messages": query, "demonstrations": {"id": chat_id, "k": 2}, "max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}}),
+            200,
+        )
+        .await;
+    assert_eq!(s.chunks.last().unwrap()["usage"]["prompt_tokens"], k2.json["usage"]["prompt_tokens"]);
+
+    // ---- completions with a raw set
+    let raw_refs: Vec<&Value> = raw_examples.iter().collect();
+    let raw_query = json!({"prompt": "<image>Output:", "images": [small], "max_tokens": 6, "return_token_ids": true});
+    let (text, images) = inline_prompt(&raw_refs, "<image>Output:", &[json!(small)]);
+    let inline = c.expect(b, COMPLETIONS, merge(&raw_query, &json!({"prompt": text, "images": images})), 200).await;
+    let with_set = c.expect(b, COMPLETIONS, merge(&raw_query, &json!({"demonstrations": {"id": raw_id}})), 200).await;
+    assert_same_answer(&inline, &with_set, "completions, the whole set");
+    let (text, images) = inline_prompt(&raw_refs[..1], "<image>Output:", &[json!(small)]);
+    let inline1 = c.expect(b, COMPLETIONS, merge(&raw_query, &json!({"prompt": text, "images": images})), 200).await;
+    let k1 = c.expect(b, COMPLETIONS, merge(&raw_query, &json!({"demonstrations": {"id": raw_id, "k": 1}})), 200).await;
+    assert_same_answer(&inline1, &k1, "completions, k = 1");
+
+    // ---- generation errors with sets
+    let chat_schema = c.spec.request_schema(CHAT);
+    for (path, body) in [
+        (CHAT, json!({"messages": query, "demonstrations": {"id": NO_SET}})),
+        (CHAT, json!({"messages": query, "demonstrations": {"id": "not-a-set-id"}})),
+        (COMPLETIONS, json!({"prompt": "<image>Output:", "images": [small], "demonstrations": {"id": NO_SET}})),
+    ] {
+        let r = c.expect(b, path, body, 404).await;
+        assert_eq!(r.json["error"]["param"], "demonstrations.id");
+    }
+    for (path, body, param) in [
+        (CHAT, json!({"messages": query, "demonstrations": {"id": raw_id}}), "demonstrations.id"),
+        (COMPLETIONS, json!({"prompt": "<image>Output:", "images": [small], "demonstrations": {"id": chat_id}}), "demonstrations.id"),
+        (CHAT, json!({"messages": query, "demonstrations": {"id": chat_id, "k": 0}}), "demonstrations.k"),
+        (CHAT, json!({"messages": query, "demonstrations": {"id": chat_id, "k": 4}}), "demonstrations.k"),
+        (CHAT, json!({"messages": user("A photo of"), "demonstrations": {"id": chat_id, "k": 1}}), "demonstrations.k"),
+        (COMPLETIONS, json!({"prompt": "Output:", "demonstrations": {"id": raw_id, "k": 1}}), "demonstrations.k"),
+    ] {
+        let r = c.expect(b, path, body.clone(), 400).await;
+        assert_eq!(r.json["error"]["param"], param, "{body:.200}");
+    }
+    assert!(!c.spec.is_valid(&chat_schema, &json!({"messages": query, "demonstrations": {"id": chat_id, "k": 0}})), "k = 0 is invalid");
+
+    // ---- scoring
+    let cands = json!([" a small picture.", " two cats.", " a cup of coffee."]);
+    let raw = json!({"prompt": "<image>Output:", "images": [small], "candidates": cands});
+    let plain = c.expect(b, SCORE, raw.clone(), 200).await;
+    check_scores(&plain, &cands, "logprob", 0);
+    let by_mean = c.expect(b, SCORE, merge(&raw, &json!({"model": MODEL, "rank_by": "normalized_logprob", "top_logprobs": 2})), 200).await;
+    check_scores(&by_mean, &cands, "normalized_logprob", 2);
+    for (x, y) in plain.json["data"].as_array().unwrap().iter().zip(by_mean.json["data"].as_array().unwrap()) {
+        assert_eq!(x["token_ids"], y["token_ids"], "rank_by and top_logprobs change no score");
+    }
+    // Raw form with a raw set: the same as its prompts inline.
+    let (text, images) = inline_prompt(&raw_refs, "<image>Output:", &[json!(small)]);
+    let inline = c.expect(b, SCORE, json!({"prompt": text, "images": images, "candidates": cands}), 200).await;
+    let with_set = c.expect(b, SCORE, merge(&raw, &json!({"demonstrations": {"id": raw_id}})), 200).await;
+    check_scores(&with_set, &cands, "logprob", 0);
+    assert_same_scores(&inline, &with_set, "raw scoring, the whole set");
+    c.expect(b, SCORE, merge(&raw, &json!({"demonstrations": {"id": raw_id, "k": 1}})), 200).await;
+    // Chat form: each candidate as the assistant's reply; include_end scores its end too.
+    let answers = json!(["a small picture.", "two cats."]);
+    let chat = json!({"messages": query, "candidates": answers});
+    let open = c.expect(b, SCORE, chat.clone(), 200).await;
+    check_scores(&open, &answers, "logprob", 0);
+    let ended = c.expect(b, SCORE, merge(&chat, &json!({"include_end": true})), 200).await;
+    check_scores(&ended, &answers, "logprob", 0);
+    for (x, y) in open.json["data"].as_array().unwrap().iter().zip(ended.json["data"].as_array().unwrap()) {
+        assert_eq!(x["tokens"].as_array().unwrap().len() + 1, y["tokens"].as_array().unwrap().len(), "include_end adds the end token");
+    }
+    // Chat form with a chat set: the same as its messages inline.
+    let inline = c.expect(b, SCORE, merge(&chat, &json!({"messages": inline_messages(&all, &query)})), 200).await;
+    let with_set = c.expect(b, SCORE, merge(&chat, &json!({"demonstrations": {"id": chat_id}})), 200).await;
+    assert_same_scores(&inline, &with_set, "chat scoring, the whole set");
+    let k1 = c.expect(b, SCORE, merge(&chat, &json!({"demonstrations": {"id": chat_id, "k": 1}})), 200).await;
+    let inline1 = c.expect(b, SCORE, merge(&chat, &json!({"messages": inline_messages(&[&examples[0]], &query)})), 200).await;
+    assert_same_scores(&inline1, &k1, "chat scoring, k = 1");
+    // Errors.
+    let r = c.send(b, Method::POST, Some(SCORE), SCORE, Body::Raw("application/json", b"{\"prompt\": ".to_vec()), &[]).await;
+    assert_eq!(r.status, 400);
+    let r = c.expect(b, SCORE, merge(&raw, &json!({"model": "gpt-4o"})), 404).await;
+    assert_eq!(r.json["error"]["param"], "model");
+    let r = c.expect(b, SCORE, merge(&raw, &json!({"demonstrations": {"id": NO_SET}})), 404).await;
+    assert_eq!(r.json["error"]["param"], "demonstrations.id");
+    for (body, param) in [
+        (merge(&raw, &json!({"demonstrations": {"id": chat_id}})), json!("demonstrations.id")),
+        (json!({"prompt": "<image>Output:", "candidates": cands}), json!("images")),
+        (json!({"prompt": "A photo of", "candidates": []}), json!("candidates")),
+        (json!({"prompt": "A photo of"}), json!(null)),
+        (json!({"candidates": cands}), json!(null)),
+        (merge(&chat, &json!({"prompt": "A photo of"})), json!(null)),
+    ] {
+        let r = c.expect(b, SCORE, body.clone(), 400).await;
+        assert_eq!(r.json["error"]["param"], param, "{body:.200}");
+    }
+    check_score_probes(c, b).await;
+
+    // ---- registration errors, and the spec and the server agree on what is valid
+    let r = c.send(b, Method::POST, Some(DEMOS), DEMOS, Body::Raw("application/json", b"{\"examples\": [".to_vec()), &[]).await;
+    assert_eq!(r.status, 400);
+    let text_example = json!({"prompt": "A photo of a cat.<|endofchunk|>"});
+    for (body, param) in [
+        (json!({"examples": vec![text_example.clone(); 65]}), "examples"),
+        (json!({"examples": [examples[0], raw_examples[0]]}), "examples[1]"),
+        (json!({"examples": [raw_examples[0], examples[0]]}), "examples[1]"),
+        (json!({"examples": [{"prompt": "<image>Output:"}]}), "examples[0].images"),
+        (json!({"examples": [{"prompt": "<image>Output:", "images": ["data:image/png;base64,AAAA"]}]}), "examples[0].images[0]"),
+        (json!({"examples": [{"prompt": "<image>Output:", "images": [format!("blob:{}", "0".repeat(64))]}]}), "examples[0].images[0]"),
+    ] {
+        let r = c.expect(b, DEMOS, body, 400).await;
+        assert_eq!(r.json["error"]["param"], param, "{}", r.json);
+    }
+    let schema = c.spec.request_schema(DEMOS);
+    let registrations: Vec<(Value, bool)> = vec![
+        (json!({"examples": [text_example]}), true),
+        (json!({"name": "text", "examples": [text_example]}), true),
+        (json!({"name": null, "examples": [text_example, {"prompt": "A dog.<|endofchunk|>", "images": []}]}), true),
+        (
+            json!({"examples": [{"prompt": "<image>Output: a small picture.<|endofchunk|>", "images": [{"url": small, "detail": "low"}]}]}),
+            true,
+        ),
+        (json!({"examples": [{"messages": user("A photo of a cat.")}]}), true),
+        (json!({"examples": [{"messages": [{"role": "user", "content": "A cat."}, {"role": "assistant"}]}]}), true),
+        (json!({"examples": vec![text_example.clone(); 64]}), true),
+        (json!({}), false),
+        (json!({"examples": []}), false),
+        (json!({"examples": null}), false),
+        (json!({"examples": [text_example], "extra": 1}), false),
+        (json!({"name": 5, "examples": [text_example]}), false),
+        (json!({"examples": ["A photo of a cat."]}), false),
+        (json!({"examples": [{}]}), false),
+        (json!({"examples": [{"prompt": 5}]}), false),
+        (json!({"examples": [{"prompt": "A cat.", "extra": 1}]}), false),
+        (json!({"examples": [{"prompt": "A cat.", "images": null}]}), false),
+        (json!({"examples": [{"prompt": "<image>A cat.", "images": [5]}]}), false),
+        (json!({"examples": [{"messages": []}]}), false),
+        (json!({"examples": [{"messages": "A cat."}]}), false),
+        (json!({"examples": [{"messages": user("A cat."), "extra": 1}]}), false),
+        (json!({"examples": [{"messages": [{"role": "tool", "content": "x"}]}]}), false),
+        (json!({"examples": [{"messages": user("A cat.")}, text_example]}), false),
+    ];
+    for (body, expected) in registrations {
+        let spec_ok = c.spec.is_valid(&schema, &body);
+        let r = c.post(b, DEMOS, body.clone()).await;
+        let server_ok = matches!(r.status, 200 | 201);
+        if spec_ok != expected || spec_ok != server_ok || !(server_ok || r.status == 400) {
+            c.fail(format!(
+                "POST {DEMOS} {body:.200}: spec {}, probe table {}, server {} {}",
+                valid_str(spec_ok),
+                valid_str(expected),
+                r.status,
+                r.json
+            ));
+        }
+    }
+
+    // ---- deletion
+    let r = delete_set(c, b, &renamed_id).await;
+    assert_eq!((r.status, &r.json), (200, &json!({"id": renamed_id, "object": "demonstration_set.deleted", "deleted": true})));
+    for id in [renamed_id.as_str(), NO_SET, "not-a-set-id"] {
+        for r in [get_set(c, b, id).await, delete_set(c, b, id).await] {
+            assert_eq!((r.status, &r.json["error"]["param"]), (404, &json!("id")), "{id}: {}", r.json);
+        }
+    }
+    let r = c.expect(b, CHAT, merge(&gen, &json!({"messages": query, "demonstrations": {"id": renamed_id}})), 404).await;
+    assert_eq!(r.json["error"]["param"], "demonstrations.id");
+    // Registered again: the same id.
+    let r = c.expect(b, DEMOS, renamed_body, 201).await;
+    assert_eq!(r.json["id"], renamed_id.as_str());
+
+    // ---- a set that cannot be stored: 507, nothing registered
+    let sets_dir = storage_dir().join("demonstrations");
+    let aside = storage_dir().join("demonstrations.aside");
+    std::fs::rename(&sets_dir, &aside).unwrap();
+    std::fs::write(&sets_dir, b"not a directory").unwrap();
+    let unstorable = json!({"name": "unstorable", "examples": [text_example]});
+    let r = c.expect(b, DEMOS, unstorable.clone(), 507).await;
+    std::fs::remove_file(&sets_dir).unwrap();
+    std::fs::rename(&aside, &sets_dir).unwrap();
+    assert_eq!(r.json["error"]["type"], "server_error");
+    let list = c.get(b, DEMOS, DEMOS).await;
+    assert!(list.json["data"].as_array().unwrap().iter().all(|s| s["name"] != "unstorable"), "nothing was registered");
+    assert!(list.json["data"].as_array().unwrap().contains(&chat_set));
+
+    chat_set
+}
+
+/// `/v1/score` fields: the spec and the server agree. Probes are sent with an empty `prompt`,
+/// rejected (param `prompt`) only after every field was checked.
+async fn check_score_probes(c: &Checker, b: &str) {
+    let probes: Vec<(Value, bool)> = vec![
+        (json!({"candidates": vec!["a"; 64]}), true),
+        (json!({"candidates": vec!["a"; 65]}), false),
+        (json!({"candidates": []}), false),
+        (json!({"candidates": [""]}), false),
+        (json!({"candidates": ["a", 5]}), false),
+        (json!({"candidates": "a"}), false),
+        (json!({"candidates": null}), false),
+        (json!({"top_logprobs": 0}), true),
+        (json!({"top_logprobs": 20}), true),
+        (json!({"top_logprobs": 21}), false),
+        (json!({"top_logprobs": -1}), false),
+        (json!({"top_logprobs": 1.5}), false),
+        (json!({"top_logprobs": null}), true),
+        (json!({"rank_by": "logprob"}), true),
+        (json!({"rank_by": "normalized_logprob"}), true),
+        (json!({"rank_by": "mean"}), false),
+        (json!({"rank_by": 1}), false),
+        (json!({"rank_by": null}), true),
+        (json!({"include_end": true}), true),
+        (json!({"include_end": "yes"}), false),
+        (json!({"include_end": null}), true),
+        (json!({"model": MODEL}), true),
+        (json!({"model": null}), true),
+        (json!({"model": 5}), false),
+        (json!({"images": []}), true),
+        (json!({"images": ["ftp://example.invalid/a.png", {"url": "ftp://example.invalid/a.png"}]}), true),
+        (json!({"images": [5]}), false),
+        (json!({"images": [{}]}), false),
+        (json!({"images": null}), false),
+        (json!({"demonstrations": {"id": NO_SET}}), true),
+        (json!({"demonstrations": {"id": NO_SET, "k": 3}}), true),
+        (json!({"demonstrations": null}), true),
+        (json!({"demonstrations": {"id": 5}}), false),
+        (json!({"demonstrations": {"k": 1}}), false),
+        (json!({"demonstrations": {"id": NO_SET, "k": -1}}), false),
+        (json!({"demonstrations": {"id": NO_SET, "top": 1}}), false),
+        (json!({"messages": user("x")}), false),
+        (json!({"messages": null}), true),
+        (json!({"temperature": 0}), false),
+        (json!({"max_tokens": 1}), false),
+    ];
+    let schema = c.spec.request_schema(SCORE);
+    let valid = json!({"prompt": "x", "candidates": ["a"]});
+    let sent = json!({"prompt": "", "candidates": ["a"]});
+    for (fields, expected) in probes {
+        let spec_ok = c.spec.is_valid(&schema, &merge(&valid, &fields));
+        let r = c.expect(b, SCORE, merge(&sent, &fields), 400).await;
+        let server_ok = r.json["error"]["param"] == "prompt";
+        if spec_ok != expected || spec_ok != server_ok {
+            c.fail(format!(
+                "{SCORE} {fields}: spec {}, probe table {}, server {} ({})",
+                valid_str(spec_ok),
+                valid_str(expected),
+                valid_str(server_ok),
+                r.json["error"]["message"]
+            ));
+        }
+    }
+    // The two forms: exactly one of `messages` and `prompt`.
+    for (body, expected) in [
+        (json!({"messages": user("x"), "candidates": ["a"]}), true),
+        (json!({"messages": user("x"), "prompt": null, "candidates": ["a"]}), true),
+        (json!({"prompt": "x", "messages": null, "candidates": ["a"]}), true),
+        (json!({"messages": [], "candidates": ["a"]}), false),
+        (json!({"prompt": null, "messages": null, "candidates": ["a"]}), false),
+    ] {
+        let spec_ok = c.spec.is_valid(&schema, &body);
+        let r = c.post(b, SCORE, body.clone()).await;
+        if spec_ok != expected || spec_ok != (r.status == 200) {
+            c.fail(format!(
+                "{SCORE} {body}: spec {}, probe table {}, server {} {}",
+                valid_str(spec_ok),
+                valid_str(expected),
+                r.status,
                 r.json
             ));
         }
