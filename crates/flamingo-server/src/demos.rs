@@ -117,6 +117,8 @@ pub struct DemoSet {
     /// Each example's normalised image embedding (its last image), when it has one.
     pub embeddings: Vec<Option<Vec<f32>>>,
     pub prompt_tokens: usize,
+    /// Bytes of the preprocessed images the set keeps in host memory.
+    pub pixel_bytes: usize,
 }
 
 impl DemoSet {
@@ -192,6 +194,11 @@ impl Registry {
     /// Whether the stored sets have been loaded and pinned after start-up.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Host bytes of the known sets' preprocessed images, apart from set `except`.
+    fn pixel_bytes(&self, except: &str) -> usize {
+        self.sets.read().map(|m| m.values().filter(|s| s.id != except).map(|s| s.pixel_bytes).sum()).unwrap_or(0)
     }
 
     fn cached(&self, id: &str) -> Option<Arc<DemoSet>> {
@@ -525,10 +532,33 @@ async fn build(st: &AppState, rt: &Runtime, set: StoredSet) -> Result<DemoSet, A
     // Each example's last image, embedded on the engine's thread.
     let lasts: Vec<Option<PreparedMedia>> = media.iter().map(|m: &Vec<PreparedMedia>| m.last().cloned()).collect();
     let wanted: Vec<PreparedMedia> = lasts.iter().flatten().cloned().collect();
-    let mut embedded = if wanted.is_empty() { Vec::new() } else { rt.engine.embed(wanted).await.unwrap_or_default() }.into_iter();
+    let mut embedded = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        rt.engine.embed(wanted).await.map_err(|e| ApiError::from_engine(&e, st.retry_after()))?
+    }
+    .into_iter();
     let embeddings = lasts.iter().map(|l| l.as_ref().and_then(|_| embedded.next())).collect();
-    let mut demo =
-        DemoSet { id: set.id.clone(), name: set.name.clone(), created: set.created, examples, media, embeddings, prompt_tokens: 0 };
+    // The preprocessed images stay in host memory: they count against the same budget as the
+    // pinned K/V (which the engine checks when pinning).
+    let pixel_bytes: usize = media.iter().flatten().map(|m| m.pixels.elem_count() * m.pixels.dtype().size_in_bytes()).sum();
+    let budget = st.cfg.engine.pinned_bytes;
+    let held = st.demos.pixel_bytes(&set.id);
+    if held + pixel_bytes > budget {
+        return Err(ApiError::bad_request(format!(
+            "the set's preprocessed images need {pixel_bytes} bytes; the demonstration sets' images already hold {held} of the {budget} bytes of engine.pinned_bytes"
+        )));
+    }
+    let mut demo = DemoSet {
+        id: set.id.clone(),
+        name: set.name.clone(),
+        created: set.created,
+        examples,
+        media,
+        embeddings,
+        prompt_tokens: 0,
+        pixel_bytes,
+    };
     demo.prompt_tokens = pin(rt, &demo, st.retry_after()).await?;
     Ok(demo)
 }
