@@ -400,7 +400,7 @@ async fn normalise(st: &AppState, rt: &Runtime, examples: &[Value]) -> Result<(V
             if let Some(k) = obj.keys().find(|k| k.as_str() != "messages") {
                 return Err(ApiError::bad_request(format!("unknown field `{k}` in a chat example")).param(format!("{param}.{k}")));
             }
-            let msgs: Vec<ChatMessage> = serde_json::from_value(obj["messages"].clone())
+            let msgs: Vec<ChatMessage> = serde_json::from_value(obj.get("messages").cloned().unwrap_or(Value::Null))
                 .map_err(|e| ApiError::bad_request(format!("invalid messages: {e}")).param(format!("{param}.messages")))?;
             let prompt = rt.template.apply(&msgs).map_err(|e| prefixed(e, &param))?;
             let items: Vec<MediaItem> = prompt
@@ -409,7 +409,7 @@ async fn normalise(st: &AppState, rt: &Runtime, examples: &[Value]) -> Result<(V
                 .zip(prompt.media_params)
                 .map(|(source, p)| MediaItem { source, param: format!("{param}.{p}") })
                 .collect();
-            (items, obj["messages"].clone())
+            (items, obj.get("messages").cloned().unwrap_or(Value::Null))
         } else {
             #[derive(Deserialize)]
             #[serde(deny_unknown_fields)]

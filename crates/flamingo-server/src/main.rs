@@ -8,8 +8,10 @@
 //! - `flamingo download NAME`: fetches a released checkpoint into the HF cache.
 //! - `flamingo bench`: engine measurements on a random model.
 //! - `flamingo shapes --out DIR`: examples of the shapes world the default model knows.
-//! - `flamingo eval [--model DIR] [--n N] [--seed S] [--json]`: the shapes world's held-out
-//!   evaluation set through the server's chat path, scored per row.
+//! - `flamingo eval [--model DIR] [--n N] [--seed S] [--json] [--mode generate|classify|rices]`:
+//!   the shapes world's held-out evaluation set through the server's chat path, scored per row;
+//!   `classify` also ranks each task's answers by log-likelihood (`/v1/score`), `rices` compares
+//!   retrieved (RICES) with random demonstrations.
 //! - `flamingo parity --fixtures DIR [--device D] [--dtype T]`: the reference-parity fixtures'
 //!   ids and logits on any device.
 

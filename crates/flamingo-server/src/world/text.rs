@@ -78,7 +78,23 @@ impl Task {
             ],
         }
     }
+
+    /// Every answer the task can have when the set is closed (what a classification ranks):
+    /// the colour, shape and motion words, the counts `1` to `4` (a scene holds 1 to 4 shapes);
+    /// None for the description, whose answers are open.
+    pub fn answer_set(self) -> Option<Vec<&'static str>> {
+        match self {
+            Task::Colour => Some(Colour::ALL.iter().map(|c| c.word()).collect()),
+            Task::Shape => Some(Shape::ALL.iter().map(|s| s.word()).collect()),
+            Task::Count => Some(COUNTS.to_vec()),
+            Task::Describe => None,
+            Task::Motion => Some(Motion::ALL.iter().map(|m| m.word()).collect()),
+        }
+    }
 }
+
+/// The answers of the count task, as [`answer`] writes them.
+const COUNTS: [&str; 4] = ["1", "2", "3", "4"];
 
 /// The prompt of a few-shot episode's turns: uninformative, so only the demonstrations say
 /// which task is meant.
