@@ -39,11 +39,13 @@ impl Default for SamplingParams {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct StopParams {
     pub max_new_tokens: usize,
     /// Ids that end generation (included in the output, as HF does).
     pub stop_token_ids: Vec<u32>,
+    /// The stop ids cannot be generated before this many new tokens (vLLM's `min_tokens`).
+    pub min_new_tokens: usize,
 }
 
 /// The largest beam count a request may ask for.
@@ -146,6 +148,12 @@ impl ValidRequest {
         if stop.max_new_tokens == 0 {
             return bad("max_new_tokens must be at least 1");
         }
+        if stop.min_new_tokens > stop.max_new_tokens {
+            return bad("min_tokens must not be larger than max_tokens");
+        }
+        if stop.min_new_tokens > 0 && sampling.strategy.rows() > 1 {
+            return bad("min_tokens is not available with beam search");
+        }
         if !(sampling.repetition_penalty > 0.0 && sampling.repetition_penalty.is_finite()) {
             return bad("repetition_penalty must be a positive number");
         }
@@ -181,8 +189,13 @@ impl ValidRequest {
         }
         // The prompt's own checks (not empty, ids in the vocabulary); its media were counted above.
         let text_only = ModelSpec { media_token_id: None, ..*spec };
-        let mut req =
-            Self::new(prompt, Vec::new(), SamplingParams::default(), StopParams { max_new_tokens: 1, stop_token_ids: vec![] }, &text_only)?;
+        let mut req = Self::new(
+            prompt,
+            Vec::new(),
+            SamplingParams::default(),
+            StopParams { max_new_tokens: 1, stop_token_ids: vec![], min_new_tokens: 0 },
+            &text_only,
+        )?;
         req.media = media;
         req.task = Task::Score { continuations, top_logprobs };
         Ok(req)
@@ -190,7 +203,13 @@ impl ValidRequest {
 
     /// A request that computes `prompt` and pins it (and its media) under `id`.
     pub fn pin(id: String, prompt: Vec<u32>, media: Vec<PreparedMedia>, spec: &ModelSpec) -> Result<Self, RequestError> {
-        let mut req = Self::new(prompt, media, SamplingParams::default(), StopParams { max_new_tokens: 1, stop_token_ids: vec![] }, spec)?;
+        let mut req = Self::new(
+            prompt,
+            media,
+            SamplingParams::default(),
+            StopParams { max_new_tokens: 1, stop_token_ids: vec![], min_new_tokens: 0 },
+            spec,
+        )?;
         req.task = Task::Pin(id);
         Ok(req)
     }

@@ -202,6 +202,7 @@ impl<S> Sequence<S> {
         let r = &self.req.sampling;
         self.generates()
             && self.beams.is_none()
+            && self.generated.len() >= self.req.stop.min_new_tokens
             && matches!(r.strategy, flamingo_model::sampling::Strategy::Greedy)
             && r.repetition_penalty == 1.0
             && r.logprobs.is_none()
@@ -219,7 +220,19 @@ impl<S> Sequence<S> {
     /// penalty over prompt and generated ids), with its log-probability and the top
     /// log-probabilities when the request asks for them.
     pub fn pick(&mut self, row: &[f32]) -> TokenEvent {
-        let id = self.sampler.next(row, self.req.prompt.iter().chain(&self.generated));
+        let id = if self.generated.len() < self.req.stop.min_new_tokens {
+            // Before `min_new_tokens`, the stop ids are not candidates (the reported
+            // log-probabilities stay the model's own).
+            let mut masked = row.to_vec();
+            for &t in &self.req.stop.stop_token_ids {
+                if let Some(l) = masked.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            self.sampler.next(&masked, self.req.prompt.iter().chain(&self.generated))
+        } else {
+            self.sampler.next(row, self.req.prompt.iter().chain(&self.generated))
+        };
         let mut ev = TokenEvent { id, logprob: None, top_logprobs: Vec::new() };
         if let Some(k) = self.req.sampling.logprobs {
             (ev.logprob, ev.top_logprobs) = token_logprobs(row, id, k);

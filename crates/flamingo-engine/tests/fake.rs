@@ -112,8 +112,14 @@ fn image(tag: u8) -> PreparedMedia {
 }
 
 fn request(prompt: Vec<u32>, media: Vec<PreparedMedia>, max_new: usize) -> ValidRequest {
-    ValidRequest::new(prompt, media, SamplingParams::default(), StopParams { max_new_tokens: max_new, stop_token_ids: vec![EOS] }, &SPEC)
-        .unwrap()
+    ValidRequest::new(
+        prompt,
+        media,
+        SamplingParams::default(),
+        StopParams { max_new_tokens: max_new, stop_token_ids: vec![EOS], min_new_tokens: 0 },
+        &SPEC,
+    )
+    .unwrap()
 }
 
 fn cfg() -> flamingo_engine::EngineConfig {
@@ -340,16 +346,26 @@ fn invalid_requests_are_refused_before_the_queue() {
         vec![MEDIA, 1],
         vec![],
         SamplingParams::default(),
-        StopParams { max_new_tokens: 3, stop_token_ids: vec![] },
+        StopParams { max_new_tokens: 3, stop_token_ids: vec![], min_new_tokens: 0 },
         &SPEC,
     );
     assert_eq!(bad.as_ref().err(), Some(&RequestError::MediaCount { tokens: 1, media: 0 }));
     assert!(bad.unwrap_err().to_string().contains("1 <image> tokens but 0 images"));
-    let bad =
-        ValidRequest::new(vec![500], vec![], SamplingParams::default(), StopParams { max_new_tokens: 3, stop_token_ids: vec![] }, &SPEC);
+    let bad = ValidRequest::new(
+        vec![500],
+        vec![],
+        SamplingParams::default(),
+        StopParams { max_new_tokens: 3, stop_token_ids: vec![], min_new_tokens: 0 },
+        &SPEC,
+    );
     assert_eq!(bad.err(), Some(RequestError::UnknownToken(500)));
-    let bad =
-        ValidRequest::new(vec![1], vec![], SamplingParams::default(), StopParams { max_new_tokens: 0, stop_token_ids: vec![] }, &SPEC);
+    let bad = ValidRequest::new(
+        vec![1],
+        vec![],
+        SamplingParams::default(),
+        StopParams { max_new_tokens: 0, stop_token_ids: vec![], min_new_tokens: 0 },
+        &SPEC,
+    );
     assert!(matches!(bad, Err(RequestError::Sampling(_))));
 }
 
@@ -364,7 +380,7 @@ fn beam_request_over_the_kv_budget_is_refused_at_submit() {
     let engine = Engine::start(fake, flamingo_engine::EngineConfig { kv_budget_bytes: 300, ..cfg() });
     let beams =
         SamplingParams { strategy: Strategy::Beam { num_beams: 4, length_penalty: 1.0, early_stopping: false }, ..Default::default() };
-    let stop = StopParams { max_new_tokens: 10, stop_token_ids: vec![EOS] };
+    let stop = StopParams { max_new_tokens: 10, stop_token_ids: vec![EOS], min_new_tokens: 0 };
     let beam = ValidRequest::new(prompt(10, 1), vec![], beams.clone(), stop.clone(), &spec).unwrap();
     let refused = engine.submit(beam).err();
     assert!(

@@ -41,7 +41,7 @@ fn build(l: &Loaded, r: &Req, stop: Vec<u32>) -> ValidRequest {
         r.prompt.clone(),
         r.images.iter().map(|n| media(n)).collect(),
         r.sampling.clone(),
-        StopParams { max_new_tokens: r.max_new, stop_token_ids: stop },
+        StopParams { max_new_tokens: r.max_new, stop_token_ids: stop, min_new_tokens: 0 },
         &l.model.spec(),
     )
     .unwrap()

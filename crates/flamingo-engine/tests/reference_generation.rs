@@ -22,7 +22,7 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 /// The generated ids of one request, submitted alone.
 fn generate(engine: &Engine, prompt: &[u32], media: &[PreparedMedia], strategy: Strategy, max_new: usize, stop: u32) -> Vec<u32> {
     let sampling = SamplingParams { strategy, repetition_penalty: 1.0, logprobs: None };
-    let stop = StopParams { max_new_tokens: max_new, stop_token_ids: vec![stop] };
+    let stop = StopParams { max_new_tokens: max_new, stop_token_ids: vec![stop], min_new_tokens: 0 };
     let req = ValidRequest::new(prompt.to_vec(), media.to_vec(), sampling, stop, engine.spec()).expect("valid request");
     let mut rx = engine.submit(req).expect("submitted");
     let mut out = Vec::new();

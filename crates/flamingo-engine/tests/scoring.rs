@@ -32,7 +32,7 @@ fn media_of(pixels: &Tensor, tag: &str) -> Vec<PreparedMedia> {
 /// Greedy tokens with their log-probabilities.
 fn greedy(engine: &Engine, prompt: &[u32], media: &[PreparedMedia], max_new: usize) -> Vec<TokenEvent> {
     let sampling = SamplingParams { strategy: Strategy::Greedy, repetition_penalty: 1.0, logprobs: Some(0) };
-    let stop = StopParams { max_new_tokens: max_new, stop_token_ids: vec![] };
+    let stop = StopParams { max_new_tokens: max_new, stop_token_ids: vec![], min_new_tokens: 0 };
     let mut rx = engine.submit(ValidRequest::new(prompt.to_vec(), media.to_vec(), sampling, stop, engine.spec()).unwrap()).unwrap();
     let mut out = Vec::new();
     loop {

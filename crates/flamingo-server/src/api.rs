@@ -54,6 +54,12 @@ pub struct GenParams {
     pub length_penalty: Option<f64>,
     /// Extension: also return the generated token ids in each choice.
     pub return_token_ids: Option<bool>,
+    /// Extension (vLLM's): the end tokens cannot end the reply before this many new tokens,
+    /// nor stop strings cut it.
+    pub min_tokens: Option<u64>,
+    /// Extension (vLLM's): the end tokens do not end the reply; it runs to `max_tokens` (or a
+    /// stop string).
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -86,7 +86,7 @@ impl Bench {
                 None => SamplingParams::default(),
             },
             // No stop token: every request runs to its length.
-            StopParams { max_new_tokens: max_new, stop_token_ids: vec![] },
+            StopParams { max_new_tokens: max_new, stop_token_ids: vec![], min_new_tokens: 0 },
             &self.model.spec(),
         )?)
     }

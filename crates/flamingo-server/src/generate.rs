@@ -141,7 +141,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let req =
         validate::requests(&ids, media, &plan, &stop_ids, engine.spec()).map_err(flag_error)?.into_iter().next().context("no request")?;
     let rx = engine.submit(req)?;
-    let answer = ChoiceStream::new(&tok, plan.stops.clone(), &stop_ids);
+    let answer = ChoiceStream::for_plan(&tok, &plan, &stop_ids);
     let out = answer.collect_blocking(rx).map_err(|e| anyhow::anyhow!("{}", e.to_api(0).message))?;
     if a.json {
         println!("{}", serde_json::json!({"text": out.text, "token_ids": out.ids}));

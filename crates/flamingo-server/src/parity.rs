@@ -44,7 +44,7 @@ fn ids(v: &serde_json::Value) -> Result<Vec<u32>> {
 
 fn generate(engine: &Engine, prompt: &[u32], media: &[PreparedMedia], strategy: Strategy, max_new: usize, stop: u32) -> Result<Vec<u32>> {
     let sampling = SamplingParams { strategy, repetition_penalty: 1.0, logprobs: None };
-    let stop = StopParams { max_new_tokens: max_new, stop_token_ids: vec![stop] };
+    let stop = StopParams { max_new_tokens: max_new, stop_token_ids: vec![stop], min_new_tokens: 0 };
     let req = ValidRequest::new(prompt.to_vec(), media.to_vec(), sampling, stop, engine.spec())?;
     let mut rx = engine.submit(req)?;
     let mut out = Vec::new();

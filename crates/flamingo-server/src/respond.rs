@@ -85,6 +85,13 @@ impl<'a> ChoiceStream<'a> {
         Self { text: TextStream::new(tok, stops), stop_ids, cached: 0, finish: None }
     }
 
+    /// A choice of `plan`: its stop strings, and `min_tokens` before they apply.
+    pub fn for_plan(tok: &'a FlamingoTokenizer, plan: &Plan, stop_ids: &'a [u32]) -> Self {
+        let mut c = Self::new(tok, plan.stops.clone(), stop_ids);
+        c.text.set_min_tokens(plan.min_new);
+        c
+    }
+
     /// Prompt tokens served from the prefix cache (known from the first token on).
     pub fn cached_tokens(&self) -> usize {
         self.cached
@@ -289,7 +296,7 @@ pub async fn whole<E: Endpoint>(
 ) -> Result<CompletionBody<E::Choice>, ApiError> {
     let mut outs = Vec::with_capacity(streams.len());
     for rx in streams {
-        let choice = ChoiceStream::new(&rt.tokenizer, plan.stops.clone(), &rt.stop_ids);
+        let choice = ChoiceStream::for_plan(&rt.tokenizer, plan, &rt.stop_ids);
         outs.push(choice.collect(rx).await.map_err(|e| e.to_api(retry_after))?);
     }
     let completion = outs.iter().map(|o| o.ids.len()).sum();
@@ -363,7 +370,7 @@ pub async fn echo(
     }
     let mut outs = Vec::with_capacity(plan.choices.len());
     for rx in streams {
-        let choice = ChoiceStream::new(tok, plan.stops.clone(), &rt.stop_ids);
+        let choice = ChoiceStream::for_plan(tok, plan, &rt.stop_ids);
         outs.push(Some(choice.collect(rx).await.map_err(|e| e.to_api(retry_after))?));
     }
     if outs.is_empty() {

@@ -28,6 +28,10 @@ pub struct TextStream<'a> {
     /// Bytes of `text` already handed out.
     emitted: usize,
     stopped: bool,
+    /// Stop strings apply from this many tokens on (vLLM's `min_tokens`)...
+    min_tokens: usize,
+    /// ...to text after this byte (what was shown when they started to apply).
+    armed_at: Option<usize>,
 }
 
 /// What one more token produced.
@@ -48,7 +52,25 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
 impl<'a> TextStream<'a> {
     pub fn new(tok: &'a FlamingoTokenizer, stops: Vec<String>) -> Self {
         let max_stop = stops.iter().map(String::len).max().unwrap_or(0);
-        Self { tok, stops, max_stop, ids: Vec::new(), prefix_offset: 0, read_offset: 0, text: String::new(), emitted: 0, stopped: false }
+        Self {
+            tok,
+            stops,
+            max_stop,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            text: String::new(),
+            emitted: 0,
+            stopped: false,
+            min_tokens: 0,
+            armed_at: None,
+        }
+    }
+
+    /// Stop strings are looked for only once `n` tokens are generated, in the text after what
+    /// was shown by then (as vLLM skips its stop checks before `min_tokens`).
+    pub fn set_min_tokens(&mut self, n: usize) {
+        self.min_tokens = n;
     }
 
     pub fn ids(&self) -> &[u32] {
@@ -76,7 +98,13 @@ impl<'a> TextStream<'a> {
 
     /// Text that can be shown now, given that `text[..before]` was already searched for stops.
     fn deliver(&mut self, before: usize, final_: bool) -> Delta {
-        let from = floor_boundary(&self.text, before.saturating_sub(self.max_stop));
+        if self.ids.len() < self.min_tokens {
+            let out = self.text.get(self.emitted..).map(String::from).unwrap_or_default();
+            self.emitted = self.text.len();
+            return Delta { text: out, stop_hit: false };
+        }
+        let armed = *self.armed_at.get_or_insert(self.emitted);
+        let from = floor_boundary(&self.text, before.saturating_sub(self.max_stop).max(armed));
         if let Some(pos) = find_stop(&self.text[from..], &self.stops) {
             self.stopped = true;
             let end = from + pos;

@@ -95,6 +95,10 @@ pub struct Plan {
     /// Top alternatives per token when log-probabilities were asked for.
     pub logprobs: Option<usize>,
     pub return_ids: bool,
+    /// New tokens before the end tokens may end a choice (and stop strings apply).
+    pub min_new: usize,
+    /// The end tokens do not end a choice.
+    pub ignore_eos: bool,
 }
 
 fn bad(message: String, param: &str) -> ApiError {
@@ -192,6 +196,14 @@ pub fn plan(p: &GenParams, kind: Kind, logprobs: Option<usize>, b: &Bounds) -> R
         return Err(bad(format!("`n` must be between 1 and {}", b.max_n), "n"));
     }
     let sampling = Sampling::parse(p, b)?;
+    let min_new = match p.min_tokens {
+        None => 0,
+        Some(m) if m as usize <= max_new => m as usize,
+        Some(_) => return Err(bad(format!("`min_tokens` must be at most `max_tokens` ({max_new})"), "min_tokens")),
+    };
+    if min_new > 0 && sampling.num_beams > 1 {
+        return Err(bad("`min_tokens` is not available with beam search".into(), "min_tokens"));
+    }
     let stops = p.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > b.max_stop {
         return Err(bad(format!("at most {} stop sequences are allowed", b.max_stop), "stop"));
@@ -213,6 +225,8 @@ pub fn plan(p: &GenParams, kind: Kind, logprobs: Option<usize>, b: &Bounds) -> R
         include_usage: p.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
         logprobs,
         return_ids: p.return_token_ids.unwrap_or(false),
+        min_new,
+        ignore_eos: p.ignore_eos.unwrap_or(false),
     })
 }
 
@@ -373,7 +387,8 @@ pub fn requests(
     plan.choices
         .iter()
         .map(|sampling| {
-            let stop = StopParams { max_new_tokens: plan.max_new, stop_token_ids: stop_ids.to_vec() };
+            let stop_token_ids = if plan.ignore_eos { Vec::new() } else { stop_ids.to_vec() };
+            let stop = StopParams { max_new_tokens: plan.max_new, stop_token_ids, min_new_tokens: plan.min_new };
             ValidRequest::new(prompt.to_vec(), media.clone(), sampling.clone(), stop, spec)
                 .map_err(|e| ApiError::bad_request(e.to_string()))
         })
