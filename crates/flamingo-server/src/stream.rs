@@ -111,7 +111,7 @@ async fn run<E: Endpoint>(st: &AppState, rt: &Runtime, streams: Vec<EventStream>
     }
     let mut ch: Vec<Choice> = streams
         .into_iter()
-        .map(|rx| Choice { rx: Some(rx), answer: ChoiceStream::for_plan(&rt.tokenizer, &plan, &rt.stop_ids), sent: 0 })
+        .map(|rx| Choice { rx: Some(rx), answer: ChoiceStream::for_plan(&rt.tokenizer, plan, &rt.stop_ids), sent: 0 })
         .collect();
     let mut completion_tokens = 0;
     while let Some((i, ev)) = next_event(&mut ch).await {
