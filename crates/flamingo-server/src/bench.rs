@@ -232,7 +232,11 @@ fn run_here(a: BenchArgs) -> Result<()> {
         "parameters": params, "decode_weight_bytes": weight_bytes,
     });
     if a.sections.contains(&Section::Decode) {
-        report["decode"] = decode_table(&b, &a, weight_bytes)?;
+        let (rows, roofline) = decode_table(&b, &a, weight_bytes)?;
+        report["decode"] = rows;
+        if let (serde_json::Value::Object(extra), Some(r)) = (roofline, report.as_object_mut()) {
+            r.extend(extra);
+        }
     }
     if a.sections.contains(&Section::Prefix) {
         report["prefix"] = prefix_table(&b, &a)?;
@@ -260,15 +264,42 @@ fn decode_weight_bytes(spec: &RandomSpec, dtype: DType) -> usize {
     (lm + xattn + spec.vocab * d) * dtype.size_in_bytes()
 }
 
-fn decode_table(b: &Bench, a: &BenchArgs, weight_bytes: usize) -> Result<serde_json::Value> {
+/// The host's memory read bandwidth, measured now: every thread of rayon's pool (the one the
+/// kernels use) sums its chunks of a buffer far larger than the caches (wrapping u64 adds,
+/// which vectorise); the best of `passes` full reads, in bytes per second.
+fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
+    use rayon::prelude::*;
+    let buf: Vec<u64> = (0..(bytes / 8) as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..passes {
+        let t = Instant::now();
+        let sum = buf.par_chunks(1 << 15).map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).reduce(|| 0, u64::wrapping_add);
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max((buf.len() * 8) as f64 / secs);
+    }
+    best
+}
+
+/// The decode rows, and (on the CPU) the measured bandwidth and batch-1 roofline.
+fn decode_table(b: &Bench, a: &BenchArgs, weight_bytes: usize) -> Result<(serde_json::Value, serde_json::Value)> {
     // Rounds interleave the concurrency levels, so a slow phase of a shared machine affects
-    // every level alike; each level reports its median round.
+    // every level alike; each level reports its median round. The host's read bandwidth is
+    // measured before and after (the CPU device's roofline: a batch-1 step reads every weight).
+    let cpu = b.model.device().is_cpu();
+    let mut bandwidth = Vec::new();
+    if cpu {
+        bandwidth.push(read_bandwidth(1 << 30, 5));
+    }
     let rounds = a.repeats.max(1);
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); a.concurrency.len()];
     for _ in 0..rounds {
         for (i, &n) in a.concurrency.iter().enumerate() {
             runs[i].push(b.decode_throughput(n, a.decode_steps)?);
         }
+    }
+    if cpu {
+        bandwidth.push(read_bandwidth(1 << 30, 5));
     }
     let mode = match a.top_p {
         Some(p) => format!("sampling at temperature 1, top-p {p}"),
@@ -290,7 +321,37 @@ fn decode_table(b: &Bench, a: &BenchArgs, weight_bytes: usize) -> Result<serde_j
         println!("| {n} | {tps:.1} | {:.2}x | {:.2} ms | {gbps:.0} GB/s | {all} |", tps / b1, step * 1e3);
         rows.push(serde_json::json!({"sequences": n, "tokens_per_s": tps, "vs_first": tps / b1, "step_ms": step * 1e3, "weight_gb_per_s": gbps, "rounds": r}));
     }
-    Ok(serde_json::Value::Array(rows))
+    let rows = serde_json::Value::Array(rows);
+    let mut out = serde_json::json!({});
+    if let (Some(lo), Some(hi)) = (bandwidth.iter().copied().reduce(f64::min), bandwidth.iter().copied().reduce(f64::max)) {
+        // The batch-1 roofline: every weight read once per token at the measured bandwidth.
+        let roof = hi / weight_bytes as f64;
+        println!(
+            "\nmemory read bandwidth, measured in this run (before / after the decode rounds, best of 5 reads of 1 GiB each): {:.1} / {:.1} GB/s",
+            bandwidth[0] / 1e9,
+            bandwidth[bandwidth.len() - 1] / 1e9
+        );
+        let one = a.concurrency.iter().position(|&n| n == 1).and_then(|i| rows[i]["tokens_per_s"].as_f64());
+        match one {
+            Some(tps) => println!(
+                "batch-1 roofline: {:.1} GB/s / {:.2} GB per token = {roof:.1} tokens/s; reached {tps:.1} tokens/s = {:.0}% ({:.0}% of the lower bandwidth figure)",
+                hi / 1e9,
+                weight_bytes as f64 / 1e9,
+                100.0 * tps / roof,
+                100.0 * tps / (lo / weight_bytes as f64)
+            ),
+            None => println!("batch-1 roofline: {roof:.1} tokens/s (no 1-sequence row was measured)"),
+        }
+        if weight_bytes < 64 << 20 {
+            println!("(the weights fit in the CPU caches, so main-memory bandwidth does not bound this size)");
+        }
+        out["read_bandwidth_bytes_per_s"] = serde_json::json!(bandwidth);
+        out["roofline_tokens_per_s"] = serde_json::json!(roof);
+        if let Some(tps) = one {
+            out["roofline_fraction"] = serde_json::json!(tps / roof);
+        }
+    }
+    Ok((rows, out))
 }
 
 fn prefix_table(b: &Bench, a: &BenchArgs) -> Result<serde_json::Value> {
