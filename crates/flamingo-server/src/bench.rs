@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Linear-layer weights: none or q8_0.
+    #[arg(long, default_value = "none")]
+    quantize: String,
     /// Where sequences keep their self-attention K/V: `auto` (paged on a GPU, per-sequence
     /// caches on the CPU), `paged` or `own`.
     #[arg(long, default_value = "auto")]
@@ -201,7 +204,8 @@ fn run_here(a: BenchArgs) -> Result<()> {
     let dtype = flamingo_model::device::dtype_for(&a.dtype, &device)?;
     flamingo_model::device::check_supported(&device, dtype)?;
     let t = Instant::now();
-    let mut model = build(&spec, &device, dtype)?;
+    let quantize = flamingo_model::nn::Quantization::from_name(&a.quantize).map_err(anyhow::Error::msg)?;
+    let mut model = flamingo_model::nn::quantize_linear_weights(quantize, || build(&spec, &device, dtype))?;
     match a.kv.as_str() {
         "auto" => {}
         "paged" => model.set_paged_kv(true),
@@ -211,15 +215,16 @@ fn run_here(a: BenchArgs) -> Result<()> {
     let kv = if model.kv_pool().is_some() { "paged" } else { "own" };
     let model = Arc::new(model);
     let params = Flamingo::describe_size(&spec);
-    let weight_bytes = decode_weight_bytes(&spec, dtype);
+    let weight_bytes = decode_weight_bytes(&spec, dtype, quantize);
     println!(
-        "model: random OpenFlamingo-style, about {:.0} M parameters by shape (ViT {}x{}, MPT {}x{}, xattn every {}), {dtype:?}, {}, K/V {kv}, built in {:.1} s",
+        "model: random OpenFlamingo-style, about {:.0} M parameters by shape (ViT {}x{}, MPT {}x{}, xattn every {}), {dtype:?}, linear weights {}, {}, K/V {kv}, built in {:.1} s",
         params as f64 / 1e6,
         spec.vision_layers,
         spec.vision_width,
         spec.n_layers,
         spec.d_model,
         spec.cross_attn_every_n_layers,
+        quantize.name(),
         a.device,
         t.elapsed().as_secs_f64()
     );
@@ -228,7 +233,7 @@ fn run_here(a: BenchArgs) -> Result<()> {
     let b = Bench { model, media: cfg.media_token_id, eoc: cfg.eoc_token_id, vocab: cfg.vocab_rows as u32, top_p: a.top_p };
 
     let mut report = serde_json::json!({
-        "size": a.size, "device": a.device, "dtype": format!("{dtype:?}").to_lowercase(), "kv": kv,
+        "size": a.size, "device": a.device, "dtype": format!("{dtype:?}").to_lowercase(), "kv": kv, "quantize": quantize.name(),
         "parameters": params, "decode_weight_bytes": weight_bytes,
     });
     if a.sections.contains(&Section::Decode) {
@@ -255,13 +260,18 @@ fn run_here(a: BenchArgs) -> Result<()> {
 /// blocks' query/output projections and feed-forwards (their K/V projections run once per
 /// image, not per step) and the output head. The batch-1 roofline is this over the device's
 /// memory bandwidth.
-fn decode_weight_bytes(spec: &RandomSpec, dtype: DType) -> usize {
+fn decode_weight_bytes(spec: &RandomSpec, dtype: DType, q: flamingo_model::nn::Quantization) -> usize {
     let d = spec.d_model;
     let inner = 8 * 64;
     let lm = spec.n_layers * 12 * d * d;
     let gated = spec.n_layers / spec.cross_attn_every_n_layers.max(1);
     let xattn = gated * (2 * d * inner + 8 * d * d);
-    (lm + xattn + spec.vocab * d) * dtype.size_in_bytes()
+    let linear = match q {
+        // 34 bytes per block of 32 weights.
+        flamingo_model::nn::Quantization::Q8_0 => (lm + xattn) * 34 / 32,
+        flamingo_model::nn::Quantization::None => (lm + xattn) * dtype.size_in_bytes(),
+    };
+    linear + spec.vocab * d * dtype.size_in_bytes()
 }
 
 /// The host's memory read bandwidth, measured now: every thread of rayon's pool (the one the

@@ -69,6 +69,7 @@ pub struct ModelSection {
     pub device: String,
     pub dtype: String,
     pub chat_template: String,
+    pub quantize: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +156,7 @@ pub struct Overrides {
     pub device: Option<String>,
     pub dtype: Option<String>,
     pub data_dir: Option<String>,
+    pub quantize: Option<String>,
 }
 
 impl Config {
@@ -205,6 +207,9 @@ impl Config {
         if let Some(d) = &flags.dtype {
             set(&mut table, "model", "dtype", Value::String(d.clone()));
         }
+        if let Some(q) = &flags.quantize {
+            set(&mut table, "model", "quantize", Value::String(q.clone()));
+        }
         if let Some(d) = &flags.data_dir {
             set(&mut table, "storage", "dir", Value::String(d.clone()));
         }
@@ -220,6 +225,9 @@ impl Config {
         }
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return bad("server.api_keys must not contain empty keys");
+        }
+        if let Err(e) = flamingo_model::nn::Quantization::from_name(&self.model.quantize) {
+            return Err(ConfigError::Invalid(format!("model.quantize: {e}")));
         }
         if let Err(e) = crate::template::ChatTemplate::from_name(&self.model.chat_template) {
             return Err(ConfigError::Invalid(format!("model.chat_template: {e}")));

@@ -67,6 +67,9 @@ pub struct EvalArgs {
     /// f32, f16 or bf16 (default: the server's, f32).
     #[arg(long)]
     dtype: Option<String>,
+    /// Linear-layer weights: none or q8_0 (default: the server's, none).
+    #[arg(long)]
+    quantize: Option<String>,
     /// `generate`: the table of every row, answers generated. `classify`: the rows' examples
     /// with a closed answer set, every candidate answer scored (/v1/score) and the best taken,
     /// beside the generated answers. `rices`: few-shot with demonstrations from a registered
@@ -386,6 +389,9 @@ fn eval_config(a: &EvalArgs, storage: &Path, pool: usize) -> Config {
     }
     if let Some(d) = &a.dtype {
         cfg.model.dtype = d.clone();
+    }
+    if let Some(q) = &a.quantize {
+        cfg.model.quantize = q.clone();
     }
     cfg.storage.dir = storage.to_string_lossy().into_owned();
     cfg.limits.max_demonstration_examples = cfg.limits.max_demonstration_examples.max(pool);

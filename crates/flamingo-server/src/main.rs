@@ -113,6 +113,9 @@ struct ServeArgs {
     /// ~/.local/share/flamingo). Replicas may share it.
     #[arg(long)]
     data_dir: Option<String>,
+    /// Linear-layer weights on the CPU: none or q8_0.
+    #[arg(long)]
+    quantize: Option<String>,
 }
 
 #[derive(Args)]
@@ -145,6 +148,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         device: a.device,
         dtype: a.dtype,
         data_dir: a.data_dir,
+        quantize: a.quantize,
     };
     let cfg = Config::load(a.config.as_deref(), &|k| std::env::var(k).ok(), &flags)?;
     init_logs(&cfg.server.log_format, "info");

@@ -86,7 +86,9 @@ impl Runtime {
         let device = flamingo_model::device::parse_device(&cfg.model.device)?;
         let dtype = flamingo_model::device::dtype_for(&cfg.model.dtype, &device)?;
         flamingo_model::device::check_supported(&device, dtype)?;
-        let loaded = flamingo_model::load(dir, &device, dtype, progress).with_context(|| format!("loading model {}", dir.display()))?;
+        let quantize = flamingo_model::nn::Quantization::from_name(&cfg.model.quantize).map_err(anyhow::Error::msg)?;
+        let loaded = flamingo_model::nn::quantize_linear_weights(quantize, || flamingo_model::load(dir, &device, dtype, progress))
+            .with_context(|| format!("loading model {}", dir.display()))?;
         let family = loaded.model.config().model_family;
         let l = &cfg.limits;
         let limits = ImageLimits { max_pixels: l.max_image_pixels, max_side: l.max_image_side };

@@ -16,18 +16,87 @@ pub use candle_nn::RmsNorm;
 /// on this project's 2-core machine (`examples/linear.rs`, BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// A linear layer's weight: as loaded, or quantized (8-bit blocks, see [`Quantization`]).
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized(candle_core::quantized::QMatMul),
+}
+
+/// How linear-layer weights are stored for the CPU's matmuls (chosen at load, see
+/// [`quantize_linear_weights`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// As loaded (f32, or the load dtype).
+    #[default]
+    None,
+    /// GGML's q8_0: blocks of 32 weights as 32 signed bytes and one f16 scale (8.5 bits per
+    /// weight); the matmul quantizes its input rows to the same blocks and accumulates in
+    /// integers (candle's quantized CPU kernels).
+    Q8_0,
+}
+
+impl Quantization {
+    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "none" | "" => Ok(Self::None),
+            "q8_0" => Ok(Self::Q8_0),
+            other => Err(format!("unknown quantization `{other}` (use \"none\" or \"q8_0\")")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Q8_0 => "q8_0",
+        }
+    }
+}
+
+thread_local! {
+    static QUANTIZE: std::cell::Cell<Quantization> = const { std::cell::Cell::new(Quantization::None) };
+}
+
+/// Runs `f` (a model load or build on this thread) with every [`Linear`] it creates stored as
+/// `q`: the vision tower's, the Perceiver's, the gated cross-attention's and the language
+/// model's linear layers. Embeddings, norms and the output head are not `Linear`s and stay as
+/// loaded. A weight whose input width is not a multiple of 32, or that is not f32 on the CPU,
+/// stays dense.
+pub fn quantize_linear_weights<R>(q: Quantization, f: impl FnOnce() -> R) -> R {
+    let before = QUANTIZE.with(|c| c.replace(q));
+    let out = f();
+    QUANTIZE.with(|c| c.set(before));
+    out
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let weight = match QUANTIZE.with(|c| c.get()) {
+            Quantization::Q8_0 => quantized(&weight).unwrap_or(Weight::Dense(weight)),
+            Quantization::None => Weight::Dense(weight),
+        };
         Self { weight, bias }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Whether the weight is stored quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quantized(_))
     }
+}
+
+/// `w` as q8_0, when it can be: a 2-D f32 CPU weight whose rows are whole blocks.
+fn quantized(w: &Tensor) -> Option<Weight> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    let [_, k] = w.dims() else { return None };
+    if k % 32 != 0 || w.dtype() != DType::F32 || !w.device().is_cpu() {
+        return None;
+    }
+    let q = QTensor::quantize(w, GgmlDType::Q8_0).ok()?;
+    QMatMul::from_qtensor(q).ok().map(Weight::Quantized)
 }
 
 /// `x · Wᵀ` for a `[out, in]` weight, choosing the faster method (see [`Linear`]): up to
@@ -66,7 +135,10 @@ fn skinny_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = matmul_wt(x, &self.weight)?;
+        let y = match &self.weight {
+            Weight::Dense(w) => matmul_wt(x, w)?,
+            Weight::Quantized(q) => q.forward(&x.contiguous()?)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -384,6 +456,29 @@ pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn q8_0_linear_is_the_dense_product_to_quantization_error() {
+        use candle_core::{Device, Module, Tensor};
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (96, 128), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 96, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 128), &dev).unwrap();
+        let dense = super::Linear::new(w.clone(), Some(b.clone()));
+        let q = super::quantize_linear_weights(super::Quantization::Q8_0, || super::Linear::new(w.clone(), Some(b.clone())));
+        assert!(q.is_quantized() && !dense.is_quantized());
+        let (yd, yq) = (dense.forward(&x).unwrap(), q.forward(&x).unwrap());
+        assert_eq!(yq.dims(), &[5, 96]);
+        // 8-bit weights and inputs: about 0.5% of the output's scale (sqrt(128) ~ 11) per value.
+        let err = (yd.clone() - yq).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let scale = yd.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        assert!(err < 0.01 * scale, "rms error {err} for outputs of rms {scale}");
+        assert!(err > 0.0, "quantized outputs should not be bit-identical");
+        // Outside the scope, and for widths that are not whole blocks, weights stay dense.
+        assert!(!super::Linear::new(w.clone(), None).is_quantized());
+        let odd = Tensor::randn(0f32, 1.0, (4, 40), &dev).unwrap();
+        assert!(!super::quantize_linear_weights(super::Quantization::Q8_0, || super::Linear::new(odd, None)).is_quantized());
+    }
+
     use super::*;
     use candle_core::Device;
 
