@@ -58,6 +58,9 @@ pub struct GenerateArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Linear-layer weights on the CPU: none or q8_0.
+    #[arg(long, default_value = "none")]
+    quantize: String,
 }
 
 impl GenerateArgs {
@@ -113,7 +116,8 @@ fn load(a: &GenerateArgs) -> Result<flamingo_model::Loaded> {
     );
     spinner.set_prefix(a.model.display().to_string());
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let loaded = loader::load(&a.model, &dev, dtype, &Spinner(spinner.clone()));
+    let quantize = flamingo_model::nn::Quantization::from_name(&a.quantize).map_err(|e| anyhow::anyhow!("--quantize: {e}"))?;
+    let loaded = flamingo_model::nn::quantize_linear_weights(quantize, || loader::load(&a.model, &dev, dtype, &Spinner(spinner.clone())));
     spinner.finish_and_clear();
     loaded.with_context(|| format!("loading model {}", a.model.display()))
 }
