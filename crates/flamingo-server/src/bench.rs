@@ -50,6 +50,26 @@ pub struct BenchArgs {
     /// Which measurements to run: any of `decode`, `prefix`, `vision`.
     #[arg(long, value_delimiter = ',', default_value = "decode,prefix,vision")]
     sections: Vec<Section>,
+    /// Benchmark a running server over HTTP instead (`http://HOST:PORT`): streamed chat
+    /// requests with an image, as vLLM's serving benchmark (TTFT, ITL, throughput).
+    #[arg(long)]
+    url: Option<String>,
+    /// With --url: requests to send.
+    #[arg(long, default_value_t = 64)]
+    requests: usize,
+    /// With --url: Poisson arrivals at this many requests per second (default: all at once,
+    /// `--concurrency`'s first value in flight).
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// With --url: new tokens per request (fixed with ignore_eos).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// With --url: the API key, if the server needs one.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// With --url: the server's process id, to report its peak RSS (Linux, same machine).
+    #[arg(long)]
+    server_pid: Option<u32>,
     /// Sample every token at temperature 1 with this top-p (seeded) instead of
     /// greedy decoding, to include sampling's cost in the figures.
     #[arg(long)]
@@ -178,6 +198,24 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(url) = &a.url {
+        let spec = flamingo_server::loadgen::LoadSpec {
+            url: url.clone(),
+            api_key: a.api_key.clone(),
+            requests: a.requests,
+            concurrency: a.concurrency.first().copied().unwrap_or(1),
+            rate: a.request_rate,
+            max_tokens: a.max_tokens,
+            seed: 0,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let report = rt.block_on(flamingo_server::loadgen::run(&spec))?;
+        flamingo_server::loadgen::print(&spec, &report, a.server_pid.and_then(flamingo_server::loadgen::peak_rss));
+        if let Some(path) = &a.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        }
+        return Ok(());
+    }
     // On a compute pool as the server's engine thread runs, so the figures are the server's.
     flamingo_engine::on_compute_pool(move || run_here(a))
 }
