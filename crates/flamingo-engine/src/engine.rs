@@ -176,10 +176,11 @@ fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting
         if report.left_waiting > 0 {
             waiting.fetch_sub(report.left_waiting, Ordering::SeqCst);
         }
+        // Counters first, then `running`: a caller that sees the engine idle sees its counts.
+        stats.prefill_tokens.fetch_add(report.prefill_tokens, Ordering::SeqCst);
         stats.running.store(sched.running_len(), Ordering::SeqCst);
         stats.cancelled.fetch_add(report.cancelled, Ordering::SeqCst);
         stats.finished.fetch_add(report.finished, Ordering::SeqCst);
-        stats.prefill_tokens.fetch_add(report.prefill_tokens, Ordering::SeqCst);
         stats.pinned_bytes.store(sched.pinned_bytes(), Ordering::SeqCst);
         stats.pinned_sets.store(sched.pinned_sets().len(), Ordering::SeqCst);
     }

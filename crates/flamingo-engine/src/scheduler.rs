@@ -473,6 +473,7 @@ impl<B: Backend> Scheduler<B> {
     /// Phase 5: prefill progress; a prompt completed in this step donates its blocks (the full
     /// ones and the partial tail) to the prefix cache.
     fn donate(&mut self, work: &[Work]) {
+        let mut pinned = false;
         for (s, &w) in self.running.iter_mut().zip(work) {
             let Work::Prefill(n) = w else { continue };
             s.prefilled += n;
@@ -490,6 +491,7 @@ impl<B: Backend> Scheduler<B> {
                 self.prefix.donate(&s.blocks, snapshot);
                 continue;
             };
+            pinned = true;
             if self.sets.contains_key(&pins.set) {
                 // Another request pinned the same set meanwhile: this one holds nothing.
                 s.pinned = Some(Ok(0));
@@ -517,7 +519,9 @@ impl<B: Backend> Scheduler<B> {
                 }
             }
         }
-        self.publish_pins();
+        if pinned {
+            self.publish_pins();
+        }
     }
 
     /// Phase 6: sequences with new logits take their token (in parallel), beam searches

@@ -5,18 +5,16 @@
 //! in one batch; and prefix-cache and vision-cache hits equal to misses, including a cached
 //! prefix that ends after a `</s>` (the tokens after it attend to no image until the next).
 
+mod common;
+use common::{ids, media_of};
 use std::path::PathBuf;
 
-use flamingo_engine::{media_key, Engine, EngineConfig, Event, EventStream, PreparedMedia, SamplingParams, StopParams, ValidRequest};
+use flamingo_engine::{Engine, EngineConfig, Event, EventStream, PreparedMedia, SamplingParams, StopParams, ValidRequest};
 use flamingo_model::candle::{DType, Device, Tensor};
 use flamingo_model::sampling::Strategy;
 
 fn case_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/idefics").join(case)
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 struct Case {
@@ -55,17 +53,6 @@ fn collect(mut rx: EventStream) -> (Vec<u32>, usize) {
             other => panic!("unexpected event {other:?}"),
         }
     }
-}
-
-/// The prompt's images as the engine takes them (`tag` keeps different pixels apart in the
-/// vision cache).
-fn media_of(pixels: &Tensor, tag: &str) -> Vec<PreparedMedia> {
-    (0..pixels.dim(0).unwrap())
-        .map(|i| PreparedMedia {
-            key: media_key(format!("{tag}-{i}").as_bytes(), "reference pixels"),
-            pixels: pixels.get(i).and_then(|p| p.unsqueeze(0)).unwrap(),
-        })
-        .collect()
 }
 
 fn check_alone(case: &str, paged: bool) {

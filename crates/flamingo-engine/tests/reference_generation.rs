@@ -5,18 +5,16 @@
 //! paged pool of the batched device path. Stage-by-stage numerics (pixels, vision tokens,
 //! latents, logits) are tested in the model crate; see `tests/reference/make_fixtures.py`.
 
+mod common;
+use common::{ids, media_of};
 use std::path::PathBuf;
 
-use flamingo_engine::{media_key, Backend, Engine, EngineConfig, Event, PreparedMedia, SamplingParams, StopParams, ValidRequest};
-use flamingo_model::candle::{DType, Device, Tensor};
+use flamingo_engine::{Backend, Engine, EngineConfig, Event, PreparedMedia, SamplingParams, StopParams, ValidRequest};
+use flamingo_model::candle::{DType, Device};
 use flamingo_model::sampling::Strategy;
 
 fn model_dir(case: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models").join(case)
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 /// The generated ids of one request, submitted alone.
@@ -35,18 +33,6 @@ fn generate(engine: &Engine, prompt: &[u32], media: &[PreparedMedia], strategy: 
             other => panic!("unexpected event {other:?}"),
         }
     }
-}
-
-/// The prompt's images as the engine takes them, from the reference's pixels `[n, 3, H, W]`
-/// (`tag` keeps different pixels apart in the vision cache).
-fn media_of(pixels: &Tensor, tag: &str) -> Vec<PreparedMedia> {
-    let n = pixels.dim(0).expect("pixels");
-    (0..n)
-        .map(|i| PreparedMedia {
-            key: media_key(format!("{tag}-{i}").as_bytes(), "reference pixels"),
-            pixels: pixels.get(i).and_then(|p| p.unsqueeze(0)).expect("one image"),
-        })
-        .collect()
 }
 
 /// `paged`: sequences keep their K/V in the model's paged pool (the batched device path, run

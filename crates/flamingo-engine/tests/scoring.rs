@@ -6,27 +6,16 @@
 //! Agreement with the PyTorch reference's own log-likelihoods is tested over HTTP
 //! (`flamingo-server/tests/fewshot.rs`, `tests/fixtures/fewshot/scores.json`).
 
+mod common;
+use common::{ids, media_of};
 use std::path::PathBuf;
 
-use flamingo_engine::{media_key, Engine, EngineConfig, Event, PreparedMedia, SamplingParams, StopParams, TokenEvent, ValidRequest};
+use flamingo_engine::{Engine, EngineConfig, Event, PreparedMedia, SamplingParams, StopParams, TokenEvent, ValidRequest};
 use flamingo_model::candle::{DType, Device, Tensor};
 use flamingo_model::sampling::Strategy;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
-}
-
-fn media_of(pixels: &Tensor, tag: &str) -> Vec<PreparedMedia> {
-    (0..pixels.dim(0).unwrap())
-        .map(|i| PreparedMedia {
-            key: media_key(format!("{tag}-{i}").as_bytes(), "reference pixels"),
-            pixels: pixels.get(i).and_then(|p| p.unsqueeze(0)).unwrap(),
-        })
-        .collect()
 }
 
 /// Greedy tokens with their log-probabilities.

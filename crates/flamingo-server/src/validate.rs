@@ -254,10 +254,12 @@ fn check_model(st: &AppState, model: Option<&str>) -> Result<(), ApiError> {
 /// `POST /v1/chat/completions`: the messages through the chat template (text is literal, images
 /// are `<image>` slots).
 pub fn chat(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiError> {
-    let req: ChatRequest = parse_json(body)?;
-    let params: GenParams = parse_json(body)?;
+    chat_parsed(st, rt, &parse_json(body)?, &parse_json(body)?)
+}
+
+fn chat_parsed(st: &AppState, rt: &Runtime, req: &ChatRequest, params: &GenParams) -> Result<Generation, ApiError> {
     check_model(st, req.model.as_deref())?;
-    let plan = plan(&params, Kind::Chat, chat_logprobs(&req)?, &Bounds::of(&st.cfg.limits))?;
+    let plan = plan(params, Kind::Chat, chat_logprobs(req)?, &Bounds::of(&st.cfg.limits))?;
     let prompt = rt.template.apply(&req.messages)?;
     let ids = rt
         .tokenizer
@@ -281,9 +283,9 @@ fn chat_logprobs(req: &ChatRequest) -> Result<Option<usize>, ApiError> {
 pub async fn chat_with_demonstrations(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiError> {
     let req: ChatRequest = parse_json(body)?;
     let params: GenParams = parse_json(body)?;
+    let Some(d) = &req.demonstrations else { return chat_parsed(st, rt, &req, &params) };
     check_model(st, req.model.as_deref())?;
     let plan = plan(&params, Kind::Chat, chat_logprobs(&req)?, &Bounds::of(&st.cfg.limits))?;
-    let Some(d) = &req.demonstrations else { return chat(st, rt, body) };
     let (ids, prepared) = crate::demos::chat_prompt(st, rt, &req.messages, d).await?;
     checked(st, rt, Generation { prompt: ids, prepared, media: Vec::new(), plan, echo: None })
 }
@@ -292,8 +294,9 @@ pub async fn chat_with_demonstrations(st: &AppState, rt: &Runtime, body: &[u8]) 
 /// front of the request's prompt.
 pub async fn completion_with_demonstrations(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
-    let Some(d) = req.demonstrations.clone() else { return completion(st, rt, body) };
-    let mut g = completion(st, rt, body)?;
+    let params: GenParams = parse_json(body)?;
+    let Some(d) = req.demonstrations.clone() else { return completion_parsed(st, rt, &req, params) };
+    let mut g = completion_parsed(st, rt, &req, params)?;
     let prompt = single_prompt(req.prompt)?;
     let (ids, prepared) = crate::demos::raw_prompt(st, rt, &prompt, &req.images, &d).await?;
     g.prompt = ids;
@@ -317,8 +320,10 @@ fn single_prompt(p: PromptSpec) -> Result<String, ApiError> {
 /// `POST /v1/completions`: the exact-control path, a raw prompt whose special tokens are
 /// special (as with `flamingo generate`) and one image per `<image>`.
 pub fn completion(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiError> {
-    let req: CompletionRequest = parse_json(body)?;
-    let mut params: GenParams = parse_json(body)?;
+    completion_parsed(st, rt, &parse_json(body)?, parse_json(body)?)
+}
+
+fn completion_parsed(st: &AppState, rt: &Runtime, req: &CompletionRequest, mut params: GenParams) -> Result<Generation, ApiError> {
     check_model(st, req.model.as_deref())?;
     let echo = req.echo.unwrap_or(false);
     if echo && params.stream.unwrap_or(false) {
@@ -335,7 +340,7 @@ pub fn completion(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("`suffix` is not supported").param("suffix"));
     }
-    let prompt = single_prompt(req.prompt)?;
+    let prompt = single_prompt(req.prompt.clone())?;
     let mut plan = plan(&params, Kind::Completion, req.logprobs.map(|k| k as usize), &Bounds::of(&st.cfg.limits))?;
     if score_only {
         plan.max_new = 0;

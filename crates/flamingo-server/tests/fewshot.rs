@@ -187,7 +187,15 @@ async fn many_candidates_cost_one_prompt_prefill() {
     let (status, v) = s.post("/v1/score", json!({"prompt": prompt, "images": images, "candidates": cands})).await;
     assert_eq!(status, 200, "{v}");
     let prompt_tokens = v["usage"]["prompt_tokens"].as_f64().unwrap();
-    let after = s.stats().prefill_tokens.load(Ordering::SeqCst) as f64;
+    // The engine counts a step just after sending its events: wait for the count to land.
+    let mut after = before;
+    for _ in 0..200 {
+        after = s.stats().prefill_tokens.load(Ordering::SeqCst) as f64;
+        if after != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(after - before, prompt_tokens, "twelve candidates, one prompt prefill");
     assert!(s.metric("flamingo_scored_tokens_total").await > 0.0);
     s.stop().await;

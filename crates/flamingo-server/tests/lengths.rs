@@ -1,11 +1,13 @@
 //! `min_tokens` and `ignore_eos` (vLLM's request extensions) on the embedded model, whose
 //! answers end at `<|endofchunk|>` after a word or two: with them a reply has a fixed length.
 
-use std::time::Duration;
+mod common {
+    pub mod ready;
+}
 
 use base64::Engine as _;
 use flamingo_server::config::Config;
-use flamingo_server::server::{serve, ModelSource};
+use flamingo_server::server::ModelSource;
 use serde_json::{json, Value};
 
 fn image() -> String {
@@ -16,17 +18,9 @@ fn image() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_tokens_and_ignore_eos_fix_the_length() {
     let mut c = Config::defaults();
-    c.server.port = 0;
     c.storage.dir = std::env::temp_dir().join(format!("flamingo-lengths-{}", std::process::id())).display().to_string();
-    let handle = serve(c, ModelSource::Embedded, false).await.unwrap();
-    let base = format!("http://{}", handle.addr);
+    let (handle, base) = common::ready::start_ready(c, ModelSource::Embedded).await;
     let http = reqwest::Client::new();
-    for _ in 0..800 {
-        if http.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
     let messages = json!([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image()}}, {"type": "text", "text": "How many shapes are there?"}]}]);
     let ask = |extra: Value| {

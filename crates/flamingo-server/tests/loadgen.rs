@@ -2,27 +2,20 @@
 //! model: every request completes with its fixed length, the percentiles are filled in, and a
 //! server that refuses (a wrong key) is counted as errors, not a crash.
 
-use std::time::Duration;
+mod common {
+    pub mod ready;
+}
 
 use flamingo_server::config::Config;
 use flamingo_server::loadgen::{run, LoadSpec};
-use flamingo_server::server::{serve, ModelSource};
+use flamingo_server::server::ModelSource;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_generator_measures_every_request() {
     let mut c = Config::defaults();
-    c.server.port = 0;
     c.server.api_keys = vec!["k".into()];
     c.storage.dir = std::env::temp_dir().join(format!("flamingo-loadgen-{}", std::process::id())).display().to_string();
-    let handle = serve(c, ModelSource::Embedded, false).await.unwrap();
-    let base = format!("http://{}", handle.addr);
-    let http = reqwest::Client::new();
-    for _ in 0..800 {
-        if http.get(format!("{base}/health")).send().await.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let (handle, base) = common::ready::start_ready(c, ModelSource::Embedded).await;
     let spec = LoadSpec { url: base.clone(), api_key: Some("k".into()), requests: 8, concurrency: 4, rate: None, max_tokens: 8, seed: 1 };
     let r = run(&spec).await.unwrap();
     assert_eq!((r.completed, r.errors, r.output_tokens), (8, 0, 64), "{r:?}");
