@@ -16,6 +16,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod f16w;
 pub mod idefics;
 pub mod lm;
 pub mod loader;
@@ -25,6 +26,7 @@ pub mod nn;
 pub mod paged;
 pub mod perceiver;
 pub mod preprocess;
+pub mod q8;
 pub mod random;
 pub mod sampling;
 pub mod skinny;

@@ -48,16 +48,7 @@ pub fn matmul_wt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32>
     if n == 0 {
         return y;
     }
-    // Every task owns the columns `first..first + CHUNK` of every output row and writes them in
-    // place (computing `[n, m]` and transposing it afterwards cost a quarter of the product at
-    // 16 rows: the transpose's writes are scattered over the whole output).
-    // Task-major: the pieces of task `t` are `parts[t * m..(t + 1) * m]`, one per output row.
-    let mut rows: Vec<_> = y.chunks_mut(n).map(|row| row.chunks_mut(CHUNK)).collect();
-    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(n.div_ceil(CHUNK) * m);
-    while let Some(first) = rows[0].next() {
-        parts.push(first);
-        parts.extend(rows[1..].iter_mut().filter_map(Iterator::next));
-    }
+    let mut parts = column_parts(&mut y, n, m, CHUNK);
     let avx2 = has_avx2_fma();
     parts.par_chunks_mut(m).enumerate().for_each(|(c, out)| {
         let first = c * CHUNK;
@@ -74,10 +65,26 @@ pub fn matmul_wt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32>
     y
 }
 
+/// Splits a row-major `[m, n]` output into tasks that each own the columns
+/// `first..first + chunk` of every row, to be written in place (computing `[n, m]` and
+/// transposing it afterwards cost a quarter of the product at 16 rows: the transpose's writes
+/// are scattered over the whole output). Task-major: the pieces of task `t` are
+/// `parts[t * m..(t + 1) * m]`, one per output row. `n` and `m` must be at least 1.
+pub(crate) fn column_parts(y: &mut [f32], n: usize, m: usize, chunk: usize) -> Vec<&mut [f32]> {
+    let mut rows: Vec<_> = y.chunks_mut(n).map(|row| row.chunks_mut(chunk)).collect();
+    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(n.div_ceil(chunk) * m);
+    while let Some(first) = rows[0].next() {
+        parts.push(first);
+        parts.extend(rows[1..].iter_mut().filter_map(Iterator::next));
+    }
+    parts
+}
+
+/// Whether the CPU has AVX2, FMA and F16C (every AVX2 CPU has F16C; [`crate::f16w`] needs it).
 pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -27,9 +27,10 @@ pub struct BenchArgs {
     /// auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// Linear-layer weights: none or q8_0.
-    #[arg(long, default_value = "none")]
-    quantize: String,
+    /// Linear-layer weights: none, f16, q8_0 or q8_0_head; several (comma-separated) build one model each
+    /// and interleave their decode rounds, to compare them in one run.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    quantize: Vec<String>,
     /// Where sequences keep their self-attention K/V: `auto` (paged on a GPU, per-sequence
     /// caches on the CPU), `paged` or `own`.
     #[arg(long, default_value = "auto")]
@@ -241,52 +242,78 @@ fn run_here(a: BenchArgs) -> Result<()> {
     let device = flamingo_model::device::parse_device(&a.device)?;
     let dtype = flamingo_model::device::dtype_for(&a.dtype, &device)?;
     flamingo_model::device::check_supported(&device, dtype)?;
-    let t = Instant::now();
-    let quantize = flamingo_model::nn::Quantization::from_name(&a.quantize).map_err(anyhow::Error::msg)?;
-    let mut model = flamingo_model::nn::quantize_linear_weights(quantize, || build(&spec, &device, dtype))?;
-    match a.kv.as_str() {
-        "auto" => {}
-        "paged" => model.set_paged_kv(true),
-        "own" => model.set_paged_kv(false),
-        other => bail!("unknown --kv {other} (auto, paged or own)"),
+    let kinds = a
+        .quantize
+        .iter()
+        .map(|q| flamingo_model::nn::Quantization::from_name(q).map_err(|e| anyhow::anyhow!("--quantize: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    if kinds.is_empty() {
+        bail!("--quantize needs at least one of none, f16, q8_0");
     }
-    let kv = if model.kv_pool().is_some() { "paged" } else { "own" };
-    let model = Arc::new(model);
-    let params = Flamingo::describe_size(&spec);
-    let weight_bytes = decode_weight_bytes(&spec, dtype, quantize);
-    println!(
-        "model: random OpenFlamingo-style, about {:.0} M parameters by shape (ViT {}x{}, MPT {}x{}, xattn every {}), {dtype:?}, linear weights {}, {}, K/V {kv}, built in {:.1} s",
-        params as f64 / 1e6,
-        spec.vision_layers,
-        spec.vision_width,
-        spec.n_layers,
-        spec.d_model,
-        spec.cross_attn_every_n_layers,
-        quantize.name(),
-        a.device,
-        t.elapsed().as_secs_f64()
-    );
-    println!("weights read per decode step (LM, gated blocks, head): {:.2} GB", weight_bytes as f64 / 1e9);
-    let cfg = model.config().clone();
-    let b = Bench { model, media: cfg.media_token_id, eoc: cfg.eoc_token_id, vocab: cfg.vocab_rows as u32, top_p: a.top_p };
-
-    let mut report = serde_json::json!({
-        "size": a.size, "device": a.device, "dtype": format!("{dtype:?}").to_lowercase(), "kv": kv, "quantize": quantize.name(),
-        "parameters": params, "decode_weight_bytes": weight_bytes,
-    });
+    let mut benches = Vec::new();
+    for &quantize in &kinds {
+        let t = Instant::now();
+        let mut model = flamingo_model::nn::quantize_linear_weights(quantize, || build(&spec, &device, dtype))?;
+        match a.kv.as_str() {
+            "auto" => {}
+            "paged" => model.set_paged_kv(true),
+            "own" => model.set_paged_kv(false),
+            other => bail!("unknown --kv {other} (auto, paged or own)"),
+        }
+        let kv = if model.kv_pool().is_some() { "paged" } else { "own" };
+        let model = Arc::new(model);
+        let params = Flamingo::describe_size(&spec);
+        let weight_bytes = decode_weight_bytes(&spec, dtype, quantize);
+        println!(
+            "model: random OpenFlamingo-style, about {:.0} M parameters by shape (ViT {}x{}, MPT {}x{}, xattn every {}), {dtype:?}, linear weights {}, {}, K/V {kv}, built in {:.1} s",
+            params as f64 / 1e6,
+            spec.vision_layers,
+            spec.vision_width,
+            spec.n_layers,
+            spec.d_model,
+            spec.cross_attn_every_n_layers,
+            quantize.name(),
+            a.device,
+            t.elapsed().as_secs_f64()
+        );
+        println!("weights read per decode step (LM, gated blocks, head): {:.2} GB", weight_bytes as f64 / 1e9);
+        let cfg = model.config().clone();
+        let b = Bench { model, media: cfg.media_token_id, eoc: cfg.eoc_token_id, vocab: cfg.vocab_rows as u32, top_p: a.top_p };
+        let report = serde_json::json!({
+            "size": a.size, "device": a.device, "dtype": format!("{dtype:?}").to_lowercase(), "kv": kv, "quantize": quantize.name(),
+            "parameters": params, "decode_weight_bytes": weight_bytes,
+        });
+        benches.push((quantize, b, weight_bytes, report));
+    }
     if a.sections.contains(&Section::Decode) {
-        let (rows, roofline) = decode_table(&b, &a, weight_bytes)?;
-        report["decode"] = rows;
-        if let (serde_json::Value::Object(extra), Some(r)) = (roofline, report.as_object_mut()) {
-            r.extend(extra);
+        let runs: Vec<(&Bench, usize)> = benches.iter().map(|(_, b, w, _)| (b, *w)).collect();
+        let tables = decode_tables(&runs, &a)?;
+        for ((_, _, _, report), (rows, roofline)) in benches.iter_mut().zip(tables) {
+            report["decode"] = rows;
+            if let (serde_json::Value::Object(extra), Some(r)) = (roofline, report.as_object_mut()) {
+                r.extend(extra);
+            }
+        }
+        if benches.len() > 1 {
+            compare_precisions(&benches.iter().map(|(q, _, _, r)| (*q, r)).collect::<Vec<_>>());
         }
     }
-    if a.sections.contains(&Section::Prefix) {
-        report["prefix"] = prefix_table(&b, &a)?;
+    for (q, b, _, report) in &mut benches {
+        if kinds.len() > 1 && (a.sections.contains(&Section::Prefix) || a.sections.contains(&Section::Vision)) {
+            println!("\n# linear weights {}", q.name());
+        }
+        if a.sections.contains(&Section::Prefix) {
+            report["prefix"] = prefix_table(b, &a)?;
+        }
+        if a.sections.contains(&Section::Vision) {
+            report["vision"] = vision_table(b, &a)?;
+        }
     }
-    if a.sections.contains(&Section::Vision) {
-        report["vision"] = vision_table(&b, &a)?;
-    }
+    // One precision: the report itself (the shape it has always had); several: one per entry.
+    let report = match benches.len() {
+        1 => benches.pop().map(|(_, _, _, r)| r).unwrap_or_default(),
+        _ => serde_json::json!({ "precisions": benches.into_iter().map(|(_, _, _, r)| r).collect::<Vec<_>>() }),
+    };
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
         println!("\nwrote {}", path.display());
@@ -304,12 +331,13 @@ fn decode_weight_bytes(spec: &RandomSpec, dtype: DType, q: flamingo_model::nn::Q
     let lm = spec.n_layers * 12 * d * d;
     let gated = spec.n_layers / spec.cross_attn_every_n_layers.max(1);
     let xattn = gated * (2 * d * inner + 8 * d * d);
-    let linear = match q {
-        // 34 bytes per block of 32 weights.
-        flamingo_model::nn::Quantization::Q8_0 => (lm + xattn) * 34 / 32,
-        flamingo_model::nn::Quantization::None => (lm + xattn) * dtype.size_in_bytes(),
+    let (linear, head) = q.bytes_per_weight();
+    // Unquantized weights stay in the load dtype.
+    let (linear, head) = match q {
+        flamingo_model::nn::Quantization::None => (dtype.size_in_bytes() as f64, dtype.size_in_bytes() as f64),
+        _ => (linear, head),
     };
-    linear + spec.vocab * d * dtype.size_in_bytes()
+    ((lm + xattn) as f64 * linear + (spec.vocab * d) as f64 * head) as usize
 }
 
 /// The host's memory read bandwidth, measured now: every thread of rayon's pool (the one the
@@ -330,20 +358,23 @@ fn read_bandwidth(bytes: usize, passes: usize) -> f64 {
 }
 
 /// The decode rows, and (on the CPU) the measured bandwidth and batch-1 roofline.
-fn decode_table(b: &Bench, a: &BenchArgs, weight_bytes: usize) -> Result<(serde_json::Value, serde_json::Value)> {
-    // Rounds interleave the concurrency levels, so a slow phase of a shared machine affects
-    // every level alike; each level reports its median round. The host's read bandwidth is
-    // measured before and after (the CPU device's roofline: a batch-1 step reads every weight).
-    let cpu = b.model.device().is_cpu();
+/// Decode throughput for each model at each concurrency level, with the host's read bandwidth
+/// measured before and after (the CPU's roofline: a batch-1 step reads every weight once).
+/// Rounds interleave the models and the levels, so a slow phase of a shared machine affects
+/// every entry alike; each reports its median round. One `(rows, roofline)` per model.
+fn decode_tables(runs: &[(&Bench, usize)], a: &BenchArgs) -> Result<Vec<(serde_json::Value, serde_json::Value)>> {
+    let cpu = runs.first().is_some_and(|(b, _)| b.model.device().is_cpu());
     let mut bandwidth = Vec::new();
     if cpu {
         bandwidth.push(read_bandwidth(1 << 30, 5));
     }
     let rounds = a.repeats.max(1);
-    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); a.concurrency.len()];
+    let mut measured: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); a.concurrency.len()]; runs.len()];
     for _ in 0..rounds {
-        for (i, &n) in a.concurrency.iter().enumerate() {
-            runs[i].push(b.decode_throughput(n, a.decode_steps)?);
+        for (m, (b, _)) in runs.iter().enumerate() {
+            for (i, &n) in a.concurrency.iter().enumerate() {
+                measured[m][i].push(b.decode_throughput(n, a.decode_steps)?);
+            }
         }
     }
     if cpu {
@@ -353,53 +384,78 @@ fn decode_table(b: &Bench, a: &BenchArgs, weight_bytes: usize) -> Result<(serde_
         Some(p) => format!("sampling at temperature 1, top-p {p}"),
         None => "greedy".to_string(),
     };
-    println!("\n## Aggregate decode throughput ({} steps, {mode}, median of {rounds} interleaved rounds)\n", a.decode_steps);
-    println!("| sequences | tokens/s | vs first | step time | weight reads | rounds (tokens/s) |");
-    println!("|---|---|---|---|---|---|");
-    let mut base = None;
-    let mut rows = Vec::new();
-    for (&n, mut r) in a.concurrency.iter().zip(runs) {
-        let all = r.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(", ");
-        r.sort_by(f64::total_cmp);
-        let tps = r[r.len() / 2];
-        let b1 = *base.get_or_insert(tps);
-        let step = n as f64 / tps;
-        // The weights' bytes over the step time: the bandwidth a memory-bound step would need.
-        let gbps = weight_bytes as f64 / step / 1e9;
-        println!("| {n} | {tps:.1} | {:.2}x | {:.2} ms | {gbps:.0} GB/s | {all} |", tps / b1, step * 1e3);
-        rows.push(serde_json::json!({"sequences": n, "tokens_per_s": tps, "vs_first": tps / b1, "step_ms": step * 1e3, "weight_gb_per_s": gbps, "rounds": r}));
-    }
-    let rows = serde_json::Value::Array(rows);
-    let mut out = serde_json::json!({});
-    if let (Some(lo), Some(hi)) = (bandwidth.iter().copied().reduce(f64::min), bandwidth.iter().copied().reduce(f64::max)) {
-        // The batch-1 roofline: every weight read once per token at the measured bandwidth.
-        let roof = hi / weight_bytes as f64;
+    let mut out = Vec::new();
+    for (&weight_bytes, runs) in runs.iter().map(|(_, w)| w).zip(measured) {
         println!(
-            "\nmemory read bandwidth, measured in this run (before / after the decode rounds, best of 5 reads of 1 GiB each): {:.1} / {:.1} GB/s",
-            bandwidth[0] / 1e9,
-            bandwidth[bandwidth.len() - 1] / 1e9
+            "\n## Aggregate decode throughput ({} steps, {mode}, {:.2} GB of weights per step, median of {rounds} interleaved rounds)\n",
+            a.decode_steps,
+            weight_bytes as f64 / 1e9
         );
-        let one = a.concurrency.iter().position(|&n| n == 1).and_then(|i| rows[i]["tokens_per_s"].as_f64());
-        match one {
-            Some(tps) => println!(
-                "batch-1 roofline: {:.1} GB/s / {:.2} GB per token = {roof:.1} tokens/s; reached {tps:.1} tokens/s = {:.0}% ({:.0}% of the lower bandwidth figure)",
-                hi / 1e9,
-                weight_bytes as f64 / 1e9,
-                100.0 * tps / roof,
-                100.0 * tps / (lo / weight_bytes as f64)
-            ),
-            None => println!("batch-1 roofline: {roof:.1} tokens/s (no 1-sequence row was measured)"),
+        println!("| sequences | tokens/s | vs first | step time | weight reads | rounds (tokens/s) |");
+        println!("|---|---|---|---|---|---|");
+        let mut base = None;
+        let mut rows = Vec::new();
+        for (&n, mut r) in a.concurrency.iter().zip(runs) {
+            let all = r.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(", ");
+            r.sort_by(f64::total_cmp);
+            let tps = r[r.len() / 2];
+            let b1 = *base.get_or_insert(tps);
+            let step = n as f64 / tps;
+            // The weights' bytes over the step time: the bandwidth a memory-bound step would need.
+            let gbps = weight_bytes as f64 / step / 1e9;
+            println!("| {n} | {tps:.1} | {:.2}x | {:.2} ms | {gbps:.0} GB/s | {all} |", tps / b1, step * 1e3);
+            rows.push(serde_json::json!({"sequences": n, "tokens_per_s": tps, "vs_first": tps / b1, "step_ms": step * 1e3, "weight_gb_per_s": gbps, "rounds": r}));
         }
-        if weight_bytes < 64 << 20 {
-            println!("(the weights fit in the CPU caches, so main-memory bandwidth does not bound this size)");
+        let rows = serde_json::Value::Array(rows);
+        let mut roofline = serde_json::json!({});
+        if let (Some(lo), Some(hi)) = (bandwidth.iter().copied().reduce(f64::min), bandwidth.iter().copied().reduce(f64::max)) {
+            // The batch-1 roofline: every weight read once per token at the measured bandwidth.
+            let roof = hi / weight_bytes as f64;
+            println!(
+                "\nmemory read bandwidth, measured in this run (before / after the decode rounds, best of 5 reads of 1 GiB each): {:.1} / {:.1} GB/s",
+                bandwidth[0] / 1e9,
+                bandwidth[bandwidth.len() - 1] / 1e9
+            );
+            let one = a.concurrency.iter().position(|&n| n == 1).and_then(|i| rows[i]["tokens_per_s"].as_f64());
+            match one {
+                Some(tps) => println!(
+                    "batch-1 roofline: {:.1} GB/s / {:.2} GB per token = {roof:.1} tokens/s; reached {tps:.1} tokens/s = {:.0}% ({:.0}% of the lower bandwidth figure)",
+                    hi / 1e9,
+                    weight_bytes as f64 / 1e9,
+                    100.0 * tps / roof,
+                    100.0 * tps / (lo / weight_bytes as f64)
+                ),
+                None => println!("batch-1 roofline: {roof:.1} tokens/s (no 1-sequence row was measured)"),
+            }
+            if weight_bytes < 64 << 20 {
+                println!("(the weights fit in the CPU caches, so main-memory bandwidth does not bound this size)");
+            }
+            roofline["read_bandwidth_bytes_per_s"] = serde_json::json!(bandwidth);
+            roofline["roofline_tokens_per_s"] = serde_json::json!(roof);
+            if let Some(tps) = one {
+                roofline["roofline_fraction"] = serde_json::json!(tps / roof);
+            }
         }
-        out["read_bandwidth_bytes_per_s"] = serde_json::json!(bandwidth);
-        out["roofline_tokens_per_s"] = serde_json::json!(roof);
-        if let Some(tps) = one {
-            out["roofline_fraction"] = serde_json::json!(tps / roof);
-        }
+        out.push((rows, roofline));
     }
-    Ok((rows, out))
+    Ok(out)
+}
+
+/// With several precisions: each one's decode tokens/s against the first's, level by level.
+fn compare_precisions(reports: &[(flamingo_model::nn::Quantization, &serde_json::Value)]) {
+    let Some((_, first)) = reports.first() else { return };
+    let levels: Vec<u64> =
+        first["decode"].as_array().map(|r| r.iter().filter_map(|x| x["sequences"].as_u64()).collect()).unwrap_or_default();
+    println!("\n## Precisions compared (decode tokens/s, and the ratio to {})\n", reports[0].0.name());
+    let head: Vec<String> = levels.iter().map(|n| format!("{n} seq")).collect();
+    println!("| weights | GB per step | {} | batch-1 roofline reached |", head.join(" | "));
+    println!("|---|---:|{}---:|", "---:|".repeat(levels.len()));
+    let tps = |r: &serde_json::Value, i: usize| r["decode"][i]["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    for (q, r) in reports {
+        let cells: Vec<String> = (0..levels.len()).map(|i| format!("{:.1} ({:.2}x)", tps(r, i), tps(r, i) / tps(first, i))).collect();
+        let roof = r["roofline_fraction"].as_f64().map(|f| format!("{:.0}%", 100.0 * f)).unwrap_or_else(|| "-".into());
+        println!("| {} | {:.2} | {} | {roof} |", q.name(), r["decode_weight_bytes"].as_f64().unwrap_or(0.0) / 1e9, cells.join(" | "));
+    }
 }
 
 fn prefix_table(b: &Bench, a: &BenchArgs) -> Result<serde_json::Value> {

@@ -67,7 +67,7 @@ pub struct EvalArgs {
     /// f32, f16 or bf16 (default: the server's, f32).
     #[arg(long)]
     dtype: Option<String>,
-    /// Linear-layer weights: none or q8_0 (default: the server's, none).
+    /// Linear-layer weights: none, f16, q8_0 or q8_0_head (default: the server's, none).
     #[arg(long)]
     quantize: Option<String>,
     /// `generate`: the table of every row, answers generated. `classify`: the rows' examples

@@ -58,7 +58,7 @@ pub struct GenerateArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Linear-layer weights on the CPU: none or q8_0.
+    /// Linear-layer weights on the CPU: none, f16 (half the bytes, computed in f32), q8_0 (8-bit blocks, the output head in f16) or q8_0_head (the head in 8 bits too).
     #[arg(long, default_value = "none")]
     quantize: String,
 }

@@ -113,7 +113,7 @@ struct ServeArgs {
     /// ~/.local/share/flamingo). Replicas may share it.
     #[arg(long)]
     data_dir: Option<String>,
-    /// Linear-layer weights on the CPU: none or q8_0.
+    /// Linear-layer weights on the CPU: none, f16 (half the bytes, computed in f32), q8_0 (8-bit blocks, the output head in f16) or q8_0_head (the head in 8 bits too).
     #[arg(long)]
     quantize: Option<String>,
 }

@@ -91,7 +91,7 @@ impl DecoderLayer for Layer {
 
 pub struct GptNeoX {
     embed_in: Tensor,
-    embed_out: Tensor,
+    embed_out: crate::nn::Linear,
     layers: Vec<Layer>,
     final_layer_norm: LayerNorm,
     hidden: usize,
@@ -108,13 +108,13 @@ impl LanguageModel for GptNeoX {
         &self.layers[i]
     }
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        crate::nn::matmul_wt(&self.final_layer_norm.forward(x)?, &self.embed_out)
+        candle_core::Module::forward(&self.embed_out, &self.final_layer_norm.forward(x)?)
     }
     fn hidden_size(&self) -> usize {
         self.hidden
     }
     fn vocab_size(&self) -> usize {
-        self.embed_out.dim(0).unwrap_or(0)
+        self.embed_out.out_dim()
     }
 }
 
@@ -169,7 +169,7 @@ pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Re
     }
     Ok(Box::new(GptNeoX {
         embed_in,
-        embed_out,
+        embed_out: crate::nn::Linear::new_head(embed_out),
         layers,
         final_layer_norm: LayerNorm::new(d, cfg.layer_norm_eps, true, g.pp("final_layer_norm"))?,
         hidden: d,

@@ -80,7 +80,7 @@ impl DecoderLayer for Layer {
 pub struct Llama {
     kv_width: usize,
     embed_tokens: Tensor,
-    lm_head: Tensor,
+    lm_head: crate::nn::Linear,
     layers: Vec<Layer>,
     norm: RmsNorm,
     hidden: usize,
@@ -97,13 +97,13 @@ impl LanguageModel for Llama {
         &self.layers[i]
     }
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        crate::nn::matmul_wt(&self.norm.forward(x)?, &self.lm_head)
+        candle_core::Module::forward(&self.lm_head, &self.norm.forward(x)?)
     }
     fn hidden_size(&self) -> usize {
         self.hidden
     }
     fn vocab_size(&self) -> usize {
-        self.lm_head.dim(0).unwrap_or(0)
+        self.lm_head.out_dim()
     }
     fn kv_width(&self) -> usize {
         self.kv_width
@@ -197,7 +197,7 @@ fn build(cfg: &LlamaConfig, embed_tokens: Tensor, lm_head: Tensor, vb: VarBuilde
     Ok(Box::new(Llama {
         kv_width: kv_heads * head_dim,
         embed_tokens,
-        lm_head,
+        lm_head: crate::nn::Linear::new_head(lm_head),
         layers,
         norm: rms_norm(d, cfg.rms_norm_eps, m.pp("norm"))?,
         hidden: d,

@@ -134,6 +134,8 @@ impl DecoderLayer for MptBlock {
 /// An MPT-style decoder (MPT or MosaicGPT).
 pub struct MptModel {
     wte: Tensor,
+    /// The tied unembedding (`wte`; its own copy when quantized).
+    head: crate::nn::Linear,
     blocks: Vec<MptBlock>,
     ln_f: LayerNorm,
     logit_scale: Option<f64>,
@@ -154,6 +156,7 @@ impl MptModel {
         let blocks =
             (0..cfg.n_layers).map(|i| MptBlock::new(cfg, names, i, &slopes, t.pp(format!("blocks.{i}")))).collect::<Result<_>>()?;
         Ok(Self {
+            head: crate::nn::Linear::new_head(wte.clone()),
             wte,
             blocks,
             ln_f: LayerNorm::new(cfg.d_model, cfg.eps, cfg.bias, t.pp(names.ln_f))?,
@@ -175,7 +178,7 @@ impl LanguageModel for MptModel {
     }
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.ln_f.forward(x)?;
-        let l = crate::nn::matmul_wt(&h, &self.wte)?;
+        let l = candle_core::Module::forward(&self.head, &h)?;
         match self.logit_scale {
             Some(s) => l * s,
             None => Ok(l),
