@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,11 @@ def reference(args):
     )
     sd = torch.load(os.path.join(d, "checkpoint.pt"), map_location="cpu", weights_only=False)
     res = model.load_state_dict(sd, strict=False)
-    assert not res.unexpected_keys, res.unexpected_keys[:5]
+    # the released checkpoints carry old transformers' attention buffers (causal mask,
+    # masked_bias, rotary inv_freq), which current transformers computes instead
+    legacy = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+    unexpected = [k for k in res.unexpected_keys if not k.endswith(legacy)]
+    assert not unexpected, unexpected[:5]
     del sd
     model.eval()
     load_s = time.perf_counter() - t0
@@ -128,7 +133,8 @@ def reference(args):
                 continue
             results.append({"seconds": dt, "ids": new, "text": tokenizer.decode(new)})
             print(f"  reference request {i}/{args.requests}: {dt:.2f} s, {len(new)} tokens", file=sys.stderr, flush=True)
-    json.dump({"load_s": load_s, "results": results, "torch": torch.__version__}, sys.stdout)
+    with open(args.ref_out, "w") as f:  # not stdout: open_flamingo prints there
+        json.dump({"load_s": load_s, "results": results, "torch": torch.__version__}, f)
 
 
 # ------------------------------------------------------------------------------------------
@@ -138,8 +144,11 @@ def reference(args):
 
 def post(url, body, timeout=3600):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"{url}: {e.code} {e.read().decode(errors='replace')[:500]}")
 
 
 def server(args, pngs):
@@ -160,11 +169,13 @@ def server(args, pngs):
             except Exception:
                 time.sleep(0.5)
         load_s = time.perf_counter() - t0
+        with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:
+            model_id = json.loads(r.read())["data"][0]["id"]
 
         def one(png):
             url = "data:image/png;base64," + base64.b64encode(png).decode()
             body = {
-                "model": "x", "prompt": PROMPT, "images": [url], "max_tokens": args.max_tokens,
+                "model": model_id, "prompt": PROMPT, "images": [url], "max_tokens": args.max_tokens,
                 "min_tokens": args.max_tokens, "temperature": 0,
             }
             t = time.perf_counter()
@@ -216,17 +227,23 @@ def main():
     ap.add_argument("--port", type=int, default=18731)
     ap.add_argument("--json", default=None)
     ap.add_argument("--phase", default="all", choices=["all", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--ref-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase == "reference":
         reference(args)
         return
     print(f"reference: {sys.executable} (open_flamingo 2.0.1 + HF generate), {args.threads} threads", file=sys.stderr)
-    child = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--phase", "reference", "--model", args.model, "--requests", str(args.requests),
-         "--max-tokens", str(args.max_tokens), "--threads", str(args.threads)],
-        stdout=subprocess.PIPE, text=True, check=True,
-    )
-    ref = json.loads(child.stdout)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "reference.json")
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--phase", "reference", "--model", args.model, "--requests", str(args.requests),
+             "--max-tokens", str(args.max_tokens), "--threads", str(args.threads), "--ref-out", out],
+            stdout=sys.stderr, check=True,
+        )
+        with open(out) as f:
+            ref = json.load(f)
     pngs = images_for(args.requests)
     print(f"server: {args.flamingo} serve --model {args.model} --quantize {args.quantize}, {args.threads} threads", file=sys.stderr)
     srv = server(args, pngs)
