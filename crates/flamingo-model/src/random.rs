@@ -48,6 +48,12 @@ impl RandomSpec {
         }
     }
 
+    /// OpenFlamingo-9B's shapes (ViT-L/14, MPT-7B's 32 layers of 4096, a gated block before
+    /// every 4th layer). About 9 B parameters: 36 GB in f32, for `--quantize` runs.
+    pub fn openflamingo_9b() -> Self {
+        Self { d_model: 4096, n_heads: 32, n_layers: 32, cross_attn_every_n_layers: 4, ..Self::openflamingo_3b() }
+    }
+
     /// About 0.4 B parameters: a ViT-B/14-sized tower, a 12-layer 1024-wide MPT, cross-attention
     /// every 2 layers, the gpt-neox vocabulary size.
     pub fn mid() -> Self {

@@ -17,8 +17,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Model size: `mid` (~0.4 B parameters), `of3b` (OpenFlamingo-3B's shapes: ViT-L/14, a
-    /// 24-layer 2048-wide MPT, cross-attention every layer; ~3 B parameters) or `tiny` (for a
-    /// quick smoke run).
+    /// 24-layer 2048-wide MPT, cross-attention every layer; ~3 B parameters), `of9b`
+    /// (OpenFlamingo-9B's: MPT-7B's 32 x 4096 layers, cross-attention every 4; 36 GB in f32, so
+    /// with `--quantize` on a small host) or `tiny` (for a quick smoke run).
     #[arg(long, default_value = "mid")]
     size: String,
     /// cpu, cuda or cuda:N.
@@ -237,7 +238,8 @@ fn run_here(a: BenchArgs) -> Result<()> {
             perceiver_depth: 2,
         },
         "of3b" => RandomSpec::openflamingo_3b(),
-        other => bail!("unknown --size {other} (mid, of3b or tiny)"),
+        "of9b" => RandomSpec::openflamingo_9b(),
+        other => bail!("unknown --size {other} (mid, of3b, of9b or tiny)"),
     };
     let device = flamingo_model::device::parse_device(&a.device)?;
     let dtype = flamingo_model::device::dtype_for(&a.dtype, &device)?;

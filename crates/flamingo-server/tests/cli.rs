@@ -228,6 +228,39 @@ fn bench_runs_on_a_tiny_random_model() {
     assert!(r["decode"][1]["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(r["prefix"]["hit_ms"].as_f64().unwrap() > 0.0 && r["decode_weight_bytes"].as_u64().unwrap() > 0);
     std::fs::remove_file(&json).ok();
+
+    // Several precisions: one report each, fewer bytes per step in fewer bits, and the
+    // comparison table; an unknown one is refused.
+    let out = flamingo(&[
+        "bench",
+        "--size",
+        "tiny",
+        "--sections",
+        "decode",
+        "--repeats",
+        "1",
+        "--decode-steps",
+        "2",
+        "--concurrency",
+        "1",
+        "--quantize",
+        "none,f16,q8_0,q8_0_head",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Precisions compared"));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let p = r["precisions"].as_array().expect("one report per precision");
+    let names: Vec<&str> = p.iter().filter_map(|x| x["quantize"].as_str()).collect();
+    assert_eq!(names, ["none", "f16", "q8_0", "q8_0_head"]);
+    let bytes: Vec<u64> = p.iter().filter_map(|x| x["decode_weight_bytes"].as_u64()).collect();
+    assert!(bytes.windows(2).all(|w| w[0] > w[1]), "{bytes:?}");
+    assert!(p.iter().all(|x| x["decode"][0]["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0)));
+    std::fs::remove_file(&json).ok();
+    let out = flamingo(&["bench", "--size", "tiny", "--quantize", "q4"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quantization"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -83,13 +83,23 @@ fn the_reference_replies_are_answers() {
 #[test]
 fn generate_gives_the_references_greedy_ids() {
     let eos = eos_id();
-    let mut checked = 0;
+    let done = generate_each_case(&[]);
+    assert!(done.len() >= 5);
+    for (c, v) in &done {
+        assert_eq!(ids(&v["token_ids"]), reference_ids(c, eos), "{}", c["prompt"]);
+    }
+}
+
+/// `flamingo generate` on every still-image case with `extra` arguments: (case, JSON output).
+fn generate_each_case(extra: &[&str]) -> Vec<(Value, Value)> {
+    let mut done = Vec::new();
     for c in cases() {
         let files = media(&c);
         if files.iter().any(|f| f.ends_with(".gif")) {
             continue; // `flamingo generate` takes still images; the video is checked over HTTP.
         }
         let mut args: Vec<String> = vec!["generate".into(), "--model".into(), "models/flamingo-mini".into()];
+        args.extend(extra.iter().map(|a| a.to_string()));
         for f in &files {
             args.push("--image".into());
             args.push(fixtures().join(f).to_string_lossy().into_owned());
@@ -98,10 +108,24 @@ fn generate_gives_the_references_greedy_ids() {
         let out = Command::new(env!("CARGO_BIN_EXE_flamingo")).args(&args).current_dir(root()).output().expect("run flamingo");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-        assert_eq!(ids(&v["token_ids"]), reference_ids(&c, eos), "{}", c["prompt"]);
-        checked += 1;
+        done.push((c, v));
     }
-    assert!(checked >= 5);
+    done
+}
+
+#[test]
+fn smaller_weights_keep_the_answers() {
+    // f16 weights computed in f32 give the reference's greedy ids; q8_0 (8-bit weights and
+    // inputs) still gives the reference's answer on every case.
+    let eos = eos_id();
+    let f16 = generate_each_case(&["--quantize", "f16"]);
+    assert!(f16.len() >= 5);
+    for (c, v) in &f16 {
+        assert_eq!(ids(&v["token_ids"]), reference_ids(c, eos), "f16: {}", c["prompt"]);
+    }
+    for (c, v) in generate_each_case(&["--quantize", "q8_0"]) {
+        check_answer(&c, v["text"].as_str().unwrap_or_default());
+    }
 }
 
 fn data_url(path: &str) -> String {
