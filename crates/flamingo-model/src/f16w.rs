@@ -107,24 +107,14 @@ impl F16Matrix {
                     let xg = &x[r * k..(r + b) * k];
                     let dst = &mut out[r..r + b];
                     match b {
-                        1 => put(dst, j, valid, tile::<1>(avx2, xg, wt, k)),
-                        _ => put(dst, j, valid, tile::<GROUP>(avx2, xg, wt, k)),
+                        1 => crate::skinny::put_group(dst, j, valid, tile::<1>(avx2, xg, wt, k)),
+                        _ => crate::skinny::put_group(dst, j, valid, tile::<GROUP>(avx2, xg, wt, k)),
                     }
                     r += b;
                 }
             }
         });
         y
-    }
-}
-
-/// Writes a tile's results at `dst[b][j..j + valid]` (padding rows dropped).
-#[inline(always)]
-fn put<const B: usize>(dst: &mut [&mut [f32]], j: usize, valid: usize, d: [[f32; B]; ROWS]) {
-    for (b, row) in dst.iter_mut().enumerate().take(B) {
-        for (a, col) in d.iter().enumerate().take(valid) {
-            row[j + a] = col[b];
-        }
     }
 }
 

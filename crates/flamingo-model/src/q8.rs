@@ -281,23 +281,12 @@ fn tiles(kernel: Kernel, x: &XRows, m: usize, w: &WRows, rows: usize, out: &mut 
             let xg = x.slice(first, b);
             let dst = &mut out[first..first + b];
             match b {
-                1 => put(dst, j, valid, tile::<1>(kernel, &xg, &wt)),
-                2 => put(dst, j, valid, tile::<2>(kernel, &xg, &wt)),
-                3 => put(dst, j, valid, tile::<3>(kernel, &xg, &wt)),
-                _ => put(dst, j, valid, tile::<GROUP>(kernel, &xg, &wt)),
+                1 => crate::skinny::put_group(dst, j, valid, tile::<1>(kernel, &xg, &wt)),
+                2 => crate::skinny::put_group(dst, j, valid, tile::<2>(kernel, &xg, &wt)),
+                3 => crate::skinny::put_group(dst, j, valid, tile::<3>(kernel, &xg, &wt)),
+                _ => crate::skinny::put_group(dst, j, valid, tile::<GROUP>(kernel, &xg, &wt)),
             }
             first += b;
-        }
-    }
-}
-
-/// Writes a tile's results: its dot products with row `b` of the group at
-/// `dst[b][j..j + valid]` (the padding rows past `valid` are dropped).
-#[inline(always)]
-fn put<const B: usize>(dst: &mut [&mut [f32]], j: usize, valid: usize, d: [[f32; B]; ROWS]) {
-    for (b, row) in dst.iter_mut().enumerate().take(B) {
-        for (a, col) in d.iter().enumerate().take(valid) {
-            row[j + a] = col[b];
         }
     }
 }

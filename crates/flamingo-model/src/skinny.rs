@@ -80,6 +80,18 @@ pub(crate) fn column_parts(y: &mut [f32], n: usize, m: usize, chunk: usize) -> V
     parts
 }
 
+/// Writes a tile of `R` weight rows by `B` input rows (see [`crate::q8`], [`crate::f16w`]):
+/// its dot products with input row `b` at `dst[b][j..j + valid]` (padding rows past `valid`
+/// are dropped).
+#[inline(always)]
+pub(crate) fn put_group<const R: usize, const B: usize>(dst: &mut [&mut [f32]], j: usize, valid: usize, d: [[f32; B]; R]) {
+    for (b, row) in dst.iter_mut().enumerate().take(B) {
+        for (a, col) in d.iter().enumerate().take(valid) {
+            row[j + a] = col[b];
+        }
+    }
+}
+
 /// Whether the CPU has AVX2, FMA and F16C (every AVX2 CPU has F16C; [`crate::f16w`] needs it).
 pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
