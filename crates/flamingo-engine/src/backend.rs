@@ -168,7 +168,11 @@ impl Backend for Flamingo {
             return Ok(logits.to_vec2::<f32>()?.into_iter().map(Row::Logits).collect());
         }
         let ids = logits.argmax(1)?.to_vec1::<u32>()?;
-        let full: Vec<u32> = (0..argmax.len() as u32).filter(|&i| !argmax.get(i as usize).copied().unwrap_or(false)).collect();
+        // A row whose argmax is the media token (never generated) comes back whole, for the
+        // sequence to pick from the rest.
+        let media = self.config().media_token_id;
+        let argmax: Vec<bool> = (0..ids.len()).map(|i| argmax.get(i).copied().unwrap_or(false) && ids[i] != media).collect();
+        let full: Vec<u32> = (0..argmax.len() as u32).filter(|&i| !argmax[i as usize]).collect();
         let mut rows = if full.is_empty() {
             Vec::new().into_iter()
         } else {

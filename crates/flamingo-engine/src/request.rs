@@ -122,6 +122,10 @@ pub struct ValidRequest {
     pub(crate) sampling: SamplingParams,
     pub(crate) stop: StopParams,
     pub(crate) task: Task,
+    /// A token never generated: the media token (`<image>`) of a request without images,
+    /// which would have no image to attend to; it is left out of every choice (its logit
+    /// stays the model's own in reported log-probabilities).
+    pub(crate) never: Option<u32>,
 }
 
 impl ValidRequest {
@@ -161,7 +165,10 @@ impl ValidRequest {
             return Err(RequestError::Sampling(format!("num_beams must be at most {MAX_BEAMS}")));
         }
         sampling.strategy.check().map_err(RequestError::Sampling)?;
-        Ok(Self { prompt, media, sampling, stop, task: Task::Generate })
+        // Without images, a generated media token would have nothing to attend to (the reference
+        // cannot run such a prompt at all); with images, it keeps the reference's behaviour.
+        let never = spec.media_token_id.filter(|_| media.is_empty());
+        Ok(Self { prompt, media, sampling, stop, task: Task::Generate, never })
     }
 
     /// A scoring request: the log-probabilities of each continuation's tokens after `prompt`.

@@ -220,11 +220,14 @@ impl<S> Sequence<S> {
     /// penalty over prompt and generated ids), with its log-probability and the top
     /// log-probabilities when the request asks for them.
     pub fn pick(&mut self, row: &[f32]) -> TokenEvent {
-        let id = if self.generated.len() < self.req.stop.min_new_tokens {
-            // Before `min_new_tokens`, the stop ids are not candidates (the reported
-            // log-probabilities stay the model's own).
+        // The media token is never a candidate, and before `min_new_tokens` neither are the
+        // stop ids (the reported log-probabilities stay the model's own).
+        let early = self.generated.len() < self.req.stop.min_new_tokens;
+        let banned = self.req.never.filter(|&t| row.get(t as usize).is_some_and(|l| *l > f32::NEG_INFINITY));
+        let id = if early || banned.is_some() {
             let mut masked = row.to_vec();
-            for &t in &self.req.stop.stop_token_ids {
+            let stops = if early { self.req.stop.stop_token_ids.as_slice() } else { &[] };
+            for &t in stops.iter().chain(&banned) {
                 if let Some(l) = masked.get_mut(t as usize) {
                     *l = f32::NEG_INFINITY;
                 }
@@ -307,13 +310,18 @@ impl<S> Sequence<S> {
         let penalty = self.req.sampling.repetition_penalty;
         let Some(b) = self.beams.as_mut() else { return Err(EngineError::Internal("not a beam search".into())) };
         let k = b.search.num_beams();
-        let scores: Vec<Vec<f32>> = if decoding {
+        let mut scores: Vec<Vec<f32>> = if decoding {
             rows.iter().enumerate().map(|(i, r)| beam_logprobs(r, prompt.iter().chain(b.search.running_tokens(i)), penalty)).collect()
         } else {
             // Every beam starts as the prompt (only beam 0 has a finite score, as in HF).
             let first = rows.first().ok_or_else(|| EngineError::Internal("no logits after the prompt".into()))?;
             vec![beam_logprobs(first, prompt, penalty); k]
         };
+        if let Some(t) = self.req.never {
+            for s in scores.iter_mut().filter_map(|row| row.get_mut(t as usize)) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
         let step = b.search.step(&scores);
         if step.done {
             let best = b.search.best();

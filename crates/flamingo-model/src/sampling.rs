@@ -147,8 +147,12 @@ impl Sampler {
         apply_repetition_penalty(&mut l, history, self.repetition_penalty);
         match (&self.strategy, self.rng.as_mut()) {
             (Strategy::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
+                // HF's division; when the largest logit over a tiny temperature would overflow,
+                // the logits are first shifted by it (the same softmax, no infinities).
+                let m = l.iter().copied().filter(|x| x.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+                let shift = if (m / *temperature).is_infinite() && m.is_finite() { m } else { 0.0 };
                 for x in l.iter_mut() {
-                    *x /= *temperature;
+                    *x = (*x - shift) / *temperature;
                 }
                 if let Some(k) = top_k {
                     top_k_filter(&mut l, *k);
@@ -214,6 +218,12 @@ fn ascending(l: &[f32]) -> Vec<usize> {
 
 fn softmax(v: &[f32]) -> Vec<f32> {
     let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if m == f32::INFINITY {
+        // Logits divided by a tiny temperature overflow: the limit of the softmax is uniform
+        // over the largest (infinite) ones, where `x - m` would give NaN.
+        let n = v.iter().filter(|&&x| x == m).count() as f32;
+        return v.iter().map(|&x| if x == m { 1.0 / n } else { 0.0 }).collect();
+    }
     let e: Vec<f32> = v.iter().map(|&x| (x - m).exp()).collect();
     let s: f32 = e.iter().sum();
     e.into_iter().map(|x| x / s).collect()
@@ -431,6 +441,18 @@ pub enum FinishReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiny_temperatures_sample_among_the_largest_logits() {
+        // 1e-40 is a positive f32; the logits over it overflow to +inf, and the draw must come
+        // from the largest ones (as the limit T -> 0 does), not from NaN probabilities.
+        let logits = [1.0, 3.0, -2.0, 3.0, 0.5];
+        for seed in 0..20 {
+            let mut s = Sampler::new(&Strategy::Sample { temperature: 1e-40, top_k: None, top_p: Some(0.9), seed }, 1.0);
+            let id = s.next(&logits, &[]);
+            assert!(id == 1 || id == 3, "seed {seed}: picked {id}");
+        }
+    }
 
     #[test]
     fn repetition_penalty_as_hf() {

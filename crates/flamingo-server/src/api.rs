@@ -35,20 +35,26 @@ pub struct StreamOptions {
 /// from the same body as the endpoint's own fields (not flattened, so errors name the field).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct GenParams {
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub max_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub max_completion_tokens: Option<u64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub n: Option<u64>,
+    #[serde(default, deserialize_with = "crate::jsonint::opt_i64")]
     pub seed: Option<i64>,
     pub stop: Option<StopSpec>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// Extension: sample from the k most likely tokens only.
+    #[serde(default, deserialize_with = "crate::jsonint::opt_i64")]
     pub top_k: Option<i64>,
     /// Extension: HF's repetition penalty (1.0 = off).
     pub repetition_penalty: Option<f64>,
     /// Extension: beam search with this many beams (1 = off).
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub num_beams: Option<u64>,
     /// Extension: beam-search length penalty (HF semantics).
     pub length_penalty: Option<f64>,
@@ -56,6 +62,7 @@ pub struct GenParams {
     pub return_token_ids: Option<bool>,
     /// Extension (vLLM's): the end tokens cannot end the reply before this many new tokens,
     /// nor stop strings cut it.
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub min_tokens: Option<u64>,
     /// Extension (vLLM's): the end tokens do not end the reply; it runs to `max_tokens` (or a
     /// stop string).
@@ -67,6 +74,7 @@ pub struct ChatRequest {
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
     pub logprobs: Option<bool>,
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub top_logprobs: Option<u64>,
     /// Extension: a registered demonstration set put in front of `messages`.
     pub demonstrations: Option<crate::demos::DemoRef>,
@@ -97,6 +105,7 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub images: Vec<ImageRef>,
     /// OpenAI's legacy form: the number of top alternatives per token.
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub logprobs: Option<u64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,

@@ -56,7 +56,7 @@ const BLOB: &str = "blob:";
 pub struct DemoRef {
     pub id: String,
     /// Retrieve the k most similar examples (RICES) instead of using all of them.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub k: Option<u64>,
 }
 

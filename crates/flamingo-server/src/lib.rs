@@ -15,6 +15,7 @@ pub mod embedded;
 pub mod error;
 pub mod fetch;
 pub mod hub;
+mod jsonint;
 pub mod loadgen;
 pub mod media;
 mod middleware;

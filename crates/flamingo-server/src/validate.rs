@@ -147,16 +147,18 @@ impl Sampling {
             Some(_) => return Err(bad("`top_k` must be positive (or 0 / -1 for no limit)".into(), "top_k")),
         };
         let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
-        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
-            return Err(bad("`repetition_penalty` must be a positive number".into(), "repetition_penalty"));
+        // Both penalties are applied in f32 (as the reference's float32 logits): a value outside
+        // f32's normal range would become 0 or infinite there.
+        if !(repetition_penalty >= f64::from(f32::MIN_POSITIVE) && repetition_penalty <= f64::from(f32::MAX)) {
+            return Err(bad("`repetition_penalty` must be a positive number from 1.2e-38 to 3.4e38".into(), "repetition_penalty"));
         }
         let num_beams = p.num_beams.unwrap_or(1);
         if num_beams == 0 || num_beams > b.max_beams as u64 {
             return Err(bad(format!("`num_beams` must be between 1 and {}", b.max_beams), "num_beams"));
         }
         let length_penalty = p.length_penalty.unwrap_or(1.0);
-        if !length_penalty.is_finite() {
-            return Err(bad("`length_penalty` must be a finite number".into(), "length_penalty"));
+        if length_penalty.is_nan() || length_penalty.abs() > f64::from(f32::MAX) {
+            return Err(bad("`length_penalty` must be a finite number of at most 3.4e38 in size".into(), "length_penalty"));
         }
         Ok(Self { temperature, top_p: p.top_p, top_k, repetition_penalty, num_beams, length_penalty, seed: p.seed })
     }
@@ -175,9 +177,12 @@ impl Sampling {
                 return Err(bad("log-probabilities are not available with beam search".into(), "num_beams"));
             }
             vec![Strategy::Beam { num_beams: self.num_beams as usize, length_penalty: self.length_penalty as f32, early_stopping: false }]
-        } else if self.temperature > 0.0 {
+        } else if self.temperature as f32 > 0.0 {
+            // (A temperature below f32's smallest value is 0 there: greedy, the limit it tends to.)
             let seed = self.seed.map(|s| s as u64).unwrap_or_else(rand::random);
-            let (temperature, top_k, top_p) = (self.temperature as f32, self.top_k, self.top_p.map(|v| v as f32));
+            // A `top_p` below f32's smallest normal keeps the most likely token only, as it would.
+            let top_p = self.top_p.map(|v| (v as f32).max(f32::MIN_POSITIVE));
+            let (temperature, top_k) = (self.temperature as f32, self.top_k);
             (0..n).map(|i| Strategy::Sample { temperature, top_k, top_p, seed: seed.wrapping_add(i) }).collect()
         } else {
             (0..n).map(|_| Strategy::Greedy).collect()

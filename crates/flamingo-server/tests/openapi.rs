@@ -651,8 +651,12 @@ impl Checker {
                 Err(e) => self.fail(format!("{what}: application/json body is not JSON ({e}): {text:.300}")),
             },
             "text/event-stream" => {
-                for e in self.spec.errors(schema, &Value::String(text.clone())) {
-                    self.fail(format!("{what}: {e}"));
+                // The schema describes one event as a client reads it ({"data": ...}); each
+                // event's JSON is checked against `x-sse-event-data` in check_stream.
+                for payload in sse_payloads(&text).unwrap_or_default() {
+                    for e in self.spec.errors(schema, &json!({ "data": payload })) {
+                        self.fail(format!("{what}: {e}"));
+                    }
                 }
                 self.check_stream(&what, media, &text, sent.as_ref(), &mut reply);
             }

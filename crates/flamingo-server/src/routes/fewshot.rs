@@ -34,6 +34,7 @@ pub struct ScoreRequest {
     /// Chat form: score the reply's end-of-chunk token too.
     pub include_end: Option<bool>,
     /// Alternatives reported per candidate token.
+    #[serde(default, deserialize_with = "crate::jsonint::opt_u64")]
     pub top_logprobs: Option<u64>,
     /// `logprob` (default) or `normalized_logprob`.
     pub rank_by: Option<String>,
@@ -184,6 +185,10 @@ pub async fn score_in_process(st: &Arc<AppState>, bytes: &[u8]) -> Result<ScoreB
         Some(_) => return Err(ApiError::bad_request("`rank_by` is `logprob` or `normalized_logprob`").param("rank_by")),
     };
     let s = match (&req.messages, &req.prompt) {
+        (Some(_), None) if !req.images.is_empty() => {
+            return Err(ApiError::bad_request("`images` belongs to the raw form (`prompt`): in the chat form the images are in `messages`")
+                .param("images"))
+        }
         (Some(m), None) => chat_scoring(st, rt, &req, m).await?,
         (None, Some(p)) if !p.is_empty() => raw_scoring(st, rt, &req, p).await?,
         (None, Some(_)) => return Err(ApiError::bad_request("`prompt` must not be empty").param("prompt")),
