@@ -4,25 +4,18 @@
 //! the test fails under CI (`CI` set) and is reported as skipped elsewhere.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use flamingo_server::config::Config;
 use flamingo_server::server::{serve, ModelSource};
 
-fn python() -> Option<String> {
-    let candidates: Vec<String> = std::env::var("FLAMINGO_PYTHON").ok().into_iter().chain(["python3".to_string()]).collect();
-    candidates.into_iter().find(|p| Command::new(p).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success()))
+mod common {
+    pub mod python;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_python_client() {
-    let Some(py) = python() else {
-        let msg = "no Python with the `openai` package: set FLAMINGO_PYTHON (see tests/openai_client/requirements.txt)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED official_openai_python_client: {msg}");
+    let Some(py) = common::python::python_with("openai", "official_openai_python_client", "tests/openai_client/requirements.txt") else {
         return;
     };
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");

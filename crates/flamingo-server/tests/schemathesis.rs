@@ -12,21 +12,16 @@
 //! `FLAMINGO_SCHEMATHESIS_SEED` the seed (CI: fixed, so a failure reproduces).
 
 mod common {
+    pub mod python;
     pub mod ready;
 }
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use flamingo_server::config::Config;
 use flamingo_server::server::ModelSource;
 
 const KEY: &str = "sk-schemathesis";
-
-fn python() -> Option<String> {
-    let candidates: Vec<String> = std::env::var("FLAMINGO_PYTHON").ok().into_iter().chain(["python3".to_string()]).collect();
-    candidates.into_iter().find(|p| Command::new(p).args(["-c", "import schemathesis"]).output().is_ok_and(|o| o.status.success()))
-}
 
 /// "`N` generated, `M` passed" (or "... found K unique failures") from the summary.
 fn generated(stdout: &str) -> Option<u64> {
@@ -36,12 +31,9 @@ fn generated(stdout: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_spec_or_server_failures() {
-    let Some(py) = python() else {
-        let msg = "no Python with `schemathesis`: set FLAMINGO_PYTHON (see tests/schemathesis/requirements.txt)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}");
-        }
-        eprintln!("SKIPPED schemathesis_finds_no_spec_or_server_failures: {msg}");
+    let Some(py) =
+        common::python::python_with("schemathesis", "schemathesis_finds_no_spec_or_server_failures", "tests/schemathesis/requirements.txt")
+    else {
         return;
     };
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
