@@ -13,8 +13,8 @@ use crate::backend::Backend;
 use crate::error::{EngineError, RequestError};
 use crate::metrics as m;
 use crate::request::{Event, ModelSpec, PreparedMedia, SamplingParams, ValidRequest};
-use crate::scheduler::Scheduler;
 pub use crate::scheduler::SchedulerConfig as EngineConfig;
+use crate::scheduler::{Scheduler, StepReport};
 
 /// The events of one request. Dropping it cancels the request at the next step.
 pub type EventStream = UnboundedReceiver<Event>;
@@ -158,6 +158,7 @@ pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting: Arc<AtomicUsize>, stats: Arc<EngineStats>) {
     let mut shutting_down = false;
+    let mut left_waiting = 0;
     loop {
         // Block only when idle; otherwise take what has arrived and keep stepping.
         if !sched.has_work() {
@@ -172,10 +173,18 @@ fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting
         while let Ok(cmd) = rx.try_recv() {
             handle(&mut sched, cmd, &waiting, &stats, &mut shutting_down);
         }
-        let report = sched.step();
-        if report.left_waiting > 0 {
-            waiting.fetch_sub(report.left_waiting, Ordering::SeqCst);
-        }
+        let report = match contained("a scheduling step", || sched.step()) {
+            Ok(report) => report,
+            Err(message) => {
+                // The running requests fail with a 500; the engine goes on with the others.
+                let failed = sched.fail_running(EngineError::Internal(format!("internal error: {message}")));
+                StepReport { finished: failed, ..StepReport::default() }
+            }
+        };
+        // Counted as requests leave the queue, so a step that panicked leaves no count behind.
+        let left = sched.left_waiting_total();
+        waiting.fetch_sub(left - left_waiting, Ordering::SeqCst);
+        left_waiting = left;
         // Counters first, then `running`: a caller that sees the engine idle sees its counts.
         stats.prefill_tokens.fetch_add(report.prefill_tokens, Ordering::SeqCst);
         stats.running.store(sched.running_len(), Ordering::SeqCst);
@@ -186,17 +195,40 @@ fn run<B: Backend>(mut sched: Scheduler<B>, rx: mpsc::Receiver<Command>, waiting
     }
 }
 
+/// Runs `f`, containing a panic inside it: the panic is logged with its message, counted
+/// (`flamingo_panics_total{where="engine"}`) and returned as an error message, and the engine
+/// thread lives on.
+fn contained<R>(what: &str, f: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = panic_message(payload.as_ref());
+        tracing::error!(panic = %message, "the engine panicked in {what}; the requests it was running fail, the engine goes on");
+        metrics::counter!(m::PANICS, "where" => "engine").increment(1);
+        format!("the engine panicked ({message})")
+    })
+}
+
+/// The message a panic was raised with (`panic!`'s text), when it has one.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "no message".to_string(),
+    }
+}
+
 fn handle<B: Backend>(sched: &mut Scheduler<B>, cmd: Command, waiting: &AtomicUsize, stats: &EngineStats, shutting_down: &mut bool) {
     match cmd {
         Command::Unpin(set, tx) => {
-            let was = sched.unpin(&set);
+            let was = contained("unpinning a set", || sched.unpin(&set)).unwrap_or(false);
             // Counted before the answer, so a caller that was answered sees the bytes freed.
             stats.pinned_bytes.store(sched.pinned_bytes(), Ordering::SeqCst);
             stats.pinned_sets.store(sched.pinned_sets().len(), Ordering::SeqCst);
             let _ = tx.send(was);
         }
         Command::Embed(media, tx) => {
-            let out = media.iter().map(|m| sched.backend().embed(m).map_err(EngineError::from)).collect();
+            let out =
+                contained("an image embedding", || media.iter().map(|m| sched.backend().embed(m).map_err(EngineError::from)).collect())
+                    .unwrap_or_else(|message| Err(EngineError::Internal(format!("internal error: {message}"))));
             let _ = tx.send(out);
         }
         Command::Submit(req, tx) => {

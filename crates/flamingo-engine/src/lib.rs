@@ -23,6 +23,8 @@ mod backend;
 mod cache;
 mod engine;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod metrics;
 mod prefix;
 mod request;
@@ -31,7 +33,7 @@ mod sequence;
 
 pub use backend::{Backend, Row};
 pub use cache::{LruBytes, Pinned};
-pub use engine::{on_compute_pool, Engine, EngineConfig, EngineStats, EventStream};
+pub use engine::{on_compute_pool, panic_message, Engine, EngineConfig, EngineStats, EventStream};
 pub use error::{BackendError, EngineError, RequestError};
 pub use prefix::BlockHash;
 pub use request::{

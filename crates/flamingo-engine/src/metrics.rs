@@ -20,6 +20,8 @@ pub const CACHE_EVICTIONS: &str = "flamingo_cache_evictions_total";
 pub const PINNED_BYTES: &str = "flamingo_pinned_bytes";
 pub const PINNED_SETS: &str = "flamingo_pinned_sets";
 pub const SCORED_TOKENS: &str = "flamingo_scored_tokens_total";
+/// Panics caught (by where: `engine` for the scheduler thread, `http` for a request handler).
+pub const PANICS: &str = "flamingo_panics_total";
 
 /// Label values of the `cache` label.
 pub const VISION_CACHE: &str = "vision";
@@ -51,4 +53,5 @@ pub fn describe() {
     );
     describe_gauge!(PINNED_SETS, "Demonstration sets pinned in the engine");
     describe_counter!(SCORED_TOKENS, "Candidate tokens scored after their prompt (not counted as prefill)");
+    describe_counter!(PANICS, "Panics caught and contained, by where (engine, http): each is a bug, logged with its message");
 }

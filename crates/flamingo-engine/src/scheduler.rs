@@ -108,6 +108,9 @@ pub struct Scheduler<B: Backend> {
     pending_pins: HashMap<u64, SetPins>,
     reserved: usize,
     next_id: u64,
+    /// Requests that have left the waiting queue (admitted, failed at admission or cancelled),
+    /// counted as they leave, so the count survives a step that panics half-way.
+    left_waiting: usize,
 }
 
 impl<B: Backend> Scheduler<B> {
@@ -128,6 +131,7 @@ impl<B: Backend> Scheduler<B> {
             pending_pins: HashMap::new(),
             reserved: 0,
             next_id: 0,
+            left_waiting: 0,
         }
     }
 
@@ -205,6 +209,12 @@ impl<B: Backend> Scheduler<B> {
         self.prefix.lru()
     }
 
+    /// Requests that have left the waiting queue so far (the engine's waiting count is the
+    /// requests submitted minus these).
+    pub fn left_waiting_total(&self) -> usize {
+        self.left_waiting
+    }
+
     /// Ids of the running sequences in admission order (for tests).
     pub fn running_ids(&self) -> Vec<u64> {
         self.running.iter().map(|s| s.id).collect()
@@ -254,6 +264,23 @@ impl<B: Backend> Scheduler<B> {
         report
     }
 
+    /// After a panic inside a step (a bug, in the model or here), the running sequences'
+    /// states may be half-updated: each of them fails with `error` and its reservation is
+    /// released. Waiting requests stay queued; the caches and pinned sets are kept (an entry
+    /// is inserted only once it is whole, so a step that stops half-way leaves none half-made).
+    /// Returns how many sequences failed.
+    pub fn fail_running(&mut self, error: EngineError) -> usize {
+        let failed = std::mem::take(&mut self.running);
+        for s in &failed {
+            s.fail(error.clone());
+        }
+        // Only running sequences hold reservations.
+        self.reserved = 0;
+        self.drop_stale_pins();
+        self.publish_gauges();
+        failed.len()
+    }
+
     /// Media pinned by pin requests that left without finishing (cancelled, failed) are
     /// released.
     fn drop_stale_pins(&mut self) {
@@ -275,6 +302,7 @@ impl<B: Backend> Scheduler<B> {
         self.waiting.retain(|w| !w.tx.is_closed());
         let cancelled_waiting = waiting_before - self.waiting.len();
         report.left_waiting += cancelled_waiting;
+        self.left_waiting += cancelled_waiting;
         let running_before = self.running.len();
         let mut freed = 0;
         self.running.retain(|s| {
@@ -299,6 +327,7 @@ impl<B: Backend> Scheduler<B> {
             }
             let Some(w) = self.waiting.pop_front() else { break };
             report.left_waiting += 1;
+            self.left_waiting += 1;
             let tx = w.tx.clone();
             if let Task::Pin(set) = &w.req.task {
                 if self.sets.contains_key(set) {

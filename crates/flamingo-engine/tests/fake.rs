@@ -29,6 +29,8 @@ struct Fake {
     refused: Option<flamingo_engine::MediaKey>,
     /// Every forward fails (a failure inside the model).
     broken: bool,
+    /// A forward over this token panics (a bug inside the model).
+    panics_on: Option<u32>,
 }
 
 struct FakeState {
@@ -68,6 +70,11 @@ impl Backend for Fake {
         self.batches.lock().unwrap().push(inputs.iter().map(|i| i.len()).collect());
         if self.broken {
             return Err(BackendError::Internal("out of device memory".into()));
+        }
+        if let Some(t) = self.panics_on {
+            if inputs.iter().any(|i| matches!(i, Input::Prompt(p) if p.contains(&t))) {
+                panic!("the fake model met token {t}");
+            }
         }
         Ok(states
             .iter_mut()
@@ -427,6 +434,49 @@ fn request_caused_failures_are_told_apart_from_internal_ones() {
         other => panic!("{other:?}"),
     }
     assert_eq!(s.reserved_bytes(), 0);
+}
+
+/// Reads a request's events to its end: `Ok(tokens)` when it finished, `Err(error)` when it
+/// failed.
+fn outcome(rx: &mut UnboundedReceiver<Event>) -> Result<usize, EngineError> {
+    let mut tokens = 0;
+    loop {
+        match rx.blocking_recv() {
+            Some(Event::Token(_)) => tokens += 1,
+            Some(Event::Finished { .. }) => return Ok(tokens),
+            Some(Event::Error(e)) => return Err(e),
+            Some(_) => {}
+            None => panic!("the stream ended without a finish or an error"),
+        }
+    }
+}
+
+/// A panic inside the model (a bug) fails the requests of the step it interrupted with an
+/// internal error; the engine thread lives on, its waiting count returns to zero, and requests
+/// submitted after it (and those waiting meanwhile) are served.
+#[test]
+fn a_panic_inside_the_model_fails_its_step_and_the_engine_goes_on() {
+    let fake = Fake { panics_on: Some(77), ..Default::default() };
+    let engine = Engine::start(fake, flamingo_engine::EngineConfig { max_running: 1, ..cfg() });
+    // One running at a time: the second waits while the first's step panics.
+    let mut poisoned = engine.submit(request(vec![1, 2, 77, 3], vec![], 4)).unwrap();
+    let mut waiting = engine.submit(request(prompt(6, 2), vec![], 4)).unwrap();
+    match outcome(&mut poisoned) {
+        Err(e @ EngineError::Internal(_)) => assert!(e.to_string().contains("panicked"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(outcome(&mut waiting), Ok(4), "the request waiting behind it is served");
+    for seed in 3..6 {
+        let mut rx = engine.submit(request(prompt(5, seed), vec![], 3)).unwrap();
+        assert_eq!(outcome(&mut rx), Ok(3), "a later request is served");
+    }
+    // A second panic is contained as the first.
+    let mut again = engine.submit(request(vec![77], vec![], 2)).unwrap();
+    assert!(matches!(outcome(&mut again), Err(EngineError::Internal(_))));
+    let mut rx = engine.submit(request(prompt(5, 9), vec![], 3)).unwrap();
+    assert_eq!(outcome(&mut rx), Ok(3));
+    assert_eq!(engine.waiting(), 0, "no request is counted as waiting after the panics");
+    assert_eq!(engine.stats().running.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
 /// The fake's logits after a sequence has seen `seen` with `media` attached (its forward, again).

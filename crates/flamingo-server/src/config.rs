@@ -56,6 +56,7 @@ pub struct ServerSection {
     pub host: String,
     pub port: u16,
     pub api_keys: Vec<String>,
+    pub public_metrics: bool,
     pub served_model_name: String,
     pub log_format: String,
     pub shutdown_grace_seconds: u64,

@@ -134,6 +134,13 @@ fn init_logs(format: &str, default_level: &str) {
     } else {
         b.init();
     }
+    // A panic (a bug) is logged as an error event in the chosen format, with where it
+    // happened; the request or engine step it interrupted reports it (a 500) and the server
+    // goes on.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!(panic = %flamingo_engine::panic_message(info.payload()), %location, "panic");
+    }));
 }
 
 fn run_serve(a: ServeArgs) -> Result<()> {

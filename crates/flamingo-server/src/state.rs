@@ -82,6 +82,17 @@ pub struct Runtime {
 impl Runtime {
     /// Loads the model in `dir` (blocking) and starts its engine.
     pub fn load(dir: &std::path::Path, cfg: &Config, progress: &dyn flamingo_model::loader::LoadProgress) -> anyhow::Result<Self> {
+        Self::load_with(dir, cfg, progress, |model| model)
+    }
+
+    /// [`Runtime::load`], with the engine running `backend(model)` (tests wrap the model, e.g.
+    /// to inject faults).
+    pub fn load_with<B: flamingo_engine::Backend>(
+        dir: &std::path::Path,
+        cfg: &Config,
+        progress: &dyn flamingo_model::loader::LoadProgress,
+        backend: impl FnOnce(flamingo_model::Flamingo) -> B,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
         let device = flamingo_model::device::parse_device(&cfg.model.device)?;
         let dtype = flamingo_model::device::dtype_for(&cfg.model.dtype, &device)?;
@@ -102,7 +113,7 @@ impl Runtime {
             pool.reserve(blocks)
                 .with_context(|| format!("allocating {} MiB of K/V on {}", engine_cfg.kv_budget_bytes >> 20, cfg.model.device))?;
         }
-        let engine = Engine::start(loaded.model, engine_cfg);
+        let engine = Engine::start(backend(loaded.model), engine_cfg);
         let template = crate::template::ChatTemplate::from_name(&cfg.model.chat_template)
             .map_err(anyhow::Error::msg)?
             .unwrap_or_else(|| crate::template::ChatTemplate::for_model(family, loaded.tokenizer.has_end_of_utterance()));
@@ -189,10 +200,16 @@ impl AppState {
         tracing::info!(dir = %dir.display(), device = %self.cfg.model.device, dtype = %self.cfg.model.dtype, "loading model");
         let t = Instant::now();
         let rt = Runtime::load(&dir, &self.cfg, &LogProgress)?;
+        self.install(rt)?;
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), model = %self.served_name, "model ready");
+        Ok(())
+    }
+
+    /// Serves `rt` (a model loaded by the caller) from now on.
+    pub fn install(&self, rt: Runtime) -> anyhow::Result<()> {
         if self.runtime.set(rt).is_err() {
             anyhow::bail!("the model is already loaded");
         }
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), model = %self.served_name, "model ready");
         Ok(())
     }
 

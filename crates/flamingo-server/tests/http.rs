@@ -350,8 +350,9 @@ async fn api_keys_overload_and_metrics() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"][0]["id"], "flamingo-tiny-reference");
     assert_eq!(v["object"], "list");
-    // /health and /metrics need no key.
+    // /health needs no key; /metrics needs one (server.public_metrics is off).
     assert_eq!(s.http.get(format!("{}/health", s.base)).send().await.unwrap().status(), 200);
+    assert_eq!(s.http.get(format!("{}/metrics", s.base)).send().await.unwrap().status(), 401);
     // A full waiting queue: 429 with Retry-After.
     let r = s
         .http
@@ -363,11 +364,54 @@ async fn api_keys_overload_and_metrics() {
         .unwrap();
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "3");
-    let m = s.http.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    let m = s.http.get(format!("{}/metrics", s.base)).bearer_auth("sk-test-1").send().await.unwrap().text().await.unwrap();
     for name in ["flamingo_http_requests_total", "flamingo_http_request_duration_seconds_bucket", "flamingo_requests_rejected_total"] {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_but_health_needs_a_key_and_metrics_can_be_opened() {
+    use flamingo_server::routes::Route;
+    for public_metrics in [false, true] {
+        let mut c = cfg();
+        c.server.api_keys = vec!["sk-a".into(), "sk-bb".into()];
+        c.server.public_metrics = public_metrics;
+        let s = Server::start(c).await;
+        // Every route in the table (new ones included), with and without a key.
+        for route in Route::ALL {
+            let path = route.path().replace("{id}", "demo-0123456789abcdef01234567").replace("{*id}", "flamingo-tiny-reference");
+            let url = format!("{}{path}", s.base);
+            let send = |key: Option<&str>| {
+                let mut r = s.http.request(route.method(), &url);
+                if route.method() == reqwest::Method::POST {
+                    r = r.json(&json!({}));
+                }
+                if let Some(k) = key {
+                    r = r.bearer_auth(k);
+                }
+                r.send()
+            };
+            let open = route == Route::Health || (route == Route::Metrics && public_metrics);
+            for key in [None, Some("sk-wrong"), Some("sk-aa"), Some("sk-b"), Some("")] {
+                let r = send(key).await.unwrap();
+                let status = r.status().as_u16();
+                if open {
+                    assert_eq!(status, 200, "{route:?} is open (public_metrics = {public_metrics})");
+                } else {
+                    assert_eq!(status, 401, "{route:?} with {key:?}");
+                    let v: Value = r.json().await.unwrap();
+                    assert_eq!(v["error"]["code"], "invalid_api_key", "{route:?}: {v}");
+                }
+            }
+            for key in ["sk-a", "sk-bb"] {
+                let status = send(Some(key)).await.unwrap().status().as_u16();
+                assert_ne!(status, 401, "{route:?} takes either key");
+            }
+        }
+        s.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

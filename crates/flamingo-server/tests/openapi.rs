@@ -1081,9 +1081,10 @@ async fn responses_match_the_spec() {
     }
     let r = c.send(b, Method::GET, Some(DEMOS), DEMOS, Body::None, &key).await;
     assert!(r.json["data"].as_array().unwrap().iter().all(|s| s["id"] != chat_id.as_str()), "a set this replica cannot pin is not listed");
-    // /health and /metrics need no key.
+    // /health needs no key; /metrics needs one unless server.public_metrics opens it.
     assert_eq!(c.get(b, "/health", "/health").await.status, 200);
-    assert_eq!(c.get(b, "/metrics", "/metrics").await.status, 200);
+    assert_eq!(c.get(b, "/metrics", "/metrics").await.status, 401);
+    assert_eq!(c.send(b, Method::GET, Some("/metrics"), "/metrics", Body::None, &key).await.status, 200);
     handle.shutdown().await.unwrap();
 
     // ---- a server whose model is not loaded: 503

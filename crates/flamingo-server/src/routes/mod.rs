@@ -83,9 +83,14 @@ impl Route {
         }
     }
 
-    /// Whether the route takes an API key when keys are configured (probes do not).
-    pub fn needs_key(self) -> bool {
-        !matches!(self, Route::Health | Route::Metrics)
+    /// Whether the route takes an API key when keys are configured: every route but the
+    /// readiness probe, and `/metrics` unless `server.public_metrics` opens it.
+    pub fn needs_key(self, cfg: &crate::config::ServerSection) -> bool {
+        match self {
+            Route::Health => false,
+            Route::Metrics => !cfg.public_metrics,
+            _ => true,
+        }
     }
 
     fn handler(self) -> MethodRouter<Arc<AppState>> {
@@ -121,7 +126,10 @@ enum Verb {
 /// The router with every route and middleware.
 pub fn router(st: Arc<AppState>) -> Router {
     let table = |keyed: bool| {
-        Route::ALL.into_iter().filter(|r| r.needs_key() == keyed).fold(Router::new(), |r, route| r.route(route.path(), route.handler()))
+        Route::ALL
+            .into_iter()
+            .filter(|r| r.needs_key(&st.cfg.server) == keyed)
+            .fold(Router::new(), |r, route| r.route(route.path(), route.handler()))
     };
     let keyed = table(true).route_layer(middleware::from_fn_with_state(st.clone(), crate::middleware::auth));
     Router::new()
@@ -129,6 +137,7 @@ pub fn router(st: Arc<AppState>) -> Router {
         .merge(table(false))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(crate::middleware::contain_panics))
         .layer(middleware::from_fn(crate::middleware::observe))
         .with_state(st)
 }
