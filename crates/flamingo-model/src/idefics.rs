@@ -245,12 +245,16 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &dyn LoadProgre
     let lm =
         lm::llama::load_idefics(&raw, cfg.vocab_size, cfg.additional_vocab_size, vb.clone()).map_err(|e| load_error(e, &files.config))?;
     let num_layers = lm.num_layers();
+    if cfg.cross_layer_interval == 0 {
+        return Err(Error::file(&files.config, "cross_layer_interval must be positive"));
+    }
     let gated: Vec<usize> = (0..num_layers).filter(|i| i % cfg.cross_layer_interval == 0).collect();
 
     progress.stage("loading cross-attention, perceiver and vision tower");
     let d = cfg.hidden_size;
-    let xattn_cfg =
-        XattnConfig { dim: d, dim_visual: v.embed_dim, heads: cfg.num_attention_heads, dim_head: d / cfg.num_attention_heads, ff_mult: 0 };
+    let dim_head =
+        lm::head_dim(d, cfg.num_attention_heads, "hidden_size / num_attention_heads").map_err(|e| load_error(e, &files.config))?;
+    let xattn_cfg = XattnConfig { dim: d, dim_visual: v.embed_dim, heads: cfg.num_attention_heads, dim_head, ff_mult: 0 };
     let mut xattn: Vec<Option<GatedCrossAttentionBlock>> = (0..num_layers).map(|_| None).collect();
     for &i in &gated {
         let vb = vb.pp(format!("model.gated_cross_attn_layers.{}", i / cfg.cross_layer_interval));

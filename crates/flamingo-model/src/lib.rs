@@ -26,6 +26,7 @@ pub mod nn;
 pub mod paged;
 pub mod perceiver;
 pub mod preprocess;
+pub mod pth;
 pub mod q8;
 pub mod random;
 pub mod sampling;

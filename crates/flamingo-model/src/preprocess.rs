@@ -44,6 +44,19 @@ pub struct ImageLimits {
     pub max_side: u32,
 }
 
+impl ImageLimits {
+    /// The `image` crate's limits for a decoder under these: each side, and every buffer it
+    /// allocates (a frame's included, whatever the file's header says) at most 16 bytes per
+    /// allowed pixel.
+    pub fn decoder_limits(&self) -> image::Limits {
+        let mut lim = image::Limits::default();
+        lim.max_image_width = Some(self.max_side);
+        lim.max_image_height = Some(self.max_side);
+        lim.max_alloc = Some(self.max_pixels.saturating_mul(16));
+        lim
+    }
+}
+
 impl Default for ImageLimits {
     fn default() -> Self {
         Self { max_pixels: 40_000_000, max_side: 16_384 }
@@ -151,13 +164,16 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<PilImage> {
             return Ok(img);
         }
     }
+    if format == ImageFormat::Png {
+        check_png_chunks(bytes)?;
+    }
     let mut reader = reader;
-    let mut lim = image::Limits::default();
-    lim.max_image_width = Some(limits.max_side);
-    lim.max_image_height = Some(limits.max_side);
-    lim.max_alloc = Some(limits.max_pixels.saturating_mul(16));
-    reader.limits(lim);
-    let img = reader.decode().map_err(|e| Error::Image(format!("cannot decode image: {e}")))?;
+    reader.limits(limits.decoder_limits());
+    // A decoder that panics on a file it should refuse (a bug of its own) is contained: the
+    // image is refused like any other it cannot decode.
+    let img = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
+        .map_err(|_| Error::Image("cannot decode image: the decoder failed on it".into()))?
+        .map_err(|e| Error::Image(format!("cannot decode image: {e}")))?;
 
     // PIL's mode: from the PNG header where the decoder expands (palette, tRNS), else from the
     // decoded colour type.
@@ -209,6 +225,21 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Option<PilImage>> {
         Ok(Err(e)) => Err(Error::Image(format!("cannot decode JPEG: {e}"))),
         Err(_) => Err(Error::Image("cannot decode JPEG".into())),
     }
+}
+
+/// Refuses a PNG that the decoder behind `image` (png 0.18.1) panics on instead of refusing: a
+/// PLTE chunk whose length is not a multiple of 3 (image-rs/image-png#694; the PNG spec makes
+/// it 3 bytes per entry). Walks the chunk headers only.
+fn check_png_chunks(bytes: &[u8]) -> Result<()> {
+    let mut at = 8usize;
+    while let Some(head) = bytes.get(at..at.saturating_add(8)) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if &head[4..8] == b"PLTE" && !len.is_multiple_of(3) {
+            return Err(Error::Image(format!("invalid PNG: its palette has {len} bytes, not 3 per colour")));
+        }
+        at = at.saturating_add(12).saturating_add(len);
+    }
+    Ok(())
 }
 
 fn png_mode(bytes: &[u8]) -> Option<PilMode> {
@@ -560,6 +591,16 @@ pub fn preprocess_with(bytes: &[u8], size: usize, resize: Resize, limits: &Image
 
 #[cfg(test)]
 mod tests {
+    /// Regression (found by the `media` fuzz target): a PNG whose palette chunk has 4 bytes made
+    /// the png decoder behind `image` panic (image-rs/image-png#694); it is refused first.
+    #[test]
+    fn a_palette_not_3_bytes_per_colour_is_refused() {
+        let file =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/regressions/media/png-palette-not-3-per-colour")).unwrap();
+        let e = super::decode(&file[1..], &super::ImageLimits::default()).unwrap_err().to_string();
+        assert!(e.contains("not 3 per colour"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -72,7 +72,12 @@ impl VisionConfig {
             serde_json::Value::Array(a) if a.len() == 2 && a[0] == a[1] => a[0].as_u64().unwrap_or(0) as usize,
             other => candle_core::bail!("unsupported vision_cfg.image_size {other}"),
         };
-        if image_size == 0 || v.patch_size == 0 || !image_size.is_multiple_of(v.patch_size) || !v.width.is_multiple_of(v.head_width) {
+        if image_size == 0
+            || v.patch_size == 0
+            || !image_size.is_multiple_of(v.patch_size)
+            || v.head_width == 0
+            || !v.width.is_multiple_of(v.head_width)
+        {
             candle_core::bail!(
                 "inconsistent vision_cfg: image_size {image_size}, patch_size {}, width {}, head_width {}",
                 v.patch_size,

@@ -72,12 +72,11 @@ impl WeightStore {
                 .collect();
             (FileKind::Safetensors(st), names)
         } else {
-            let mut pth = candle_core::pickle::PthTensors::new(path, None)
-                .map_err(|e| Error::file(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+            let mut pth = crate::pth::read(path, None)?;
             // Some checkpoints wrap the state dict (`{"model_state_dict": {...}}`).
             if pth.tensor_infos().is_empty() {
                 for key in ["model_state_dict", "state_dict", "model"] {
-                    if let Ok(p) = candle_core::pickle::PthTensors::new(path, Some(key)) {
+                    if let Ok(p) = crate::pth::read(path, Some(key)) {
                         if !p.tensor_infos().is_empty() {
                             pth = p;
                             break;

@@ -198,3 +198,31 @@ fn dim_head_zero_or_not_dividing_the_width_is_a_config_error() {
         std::fs::remove_dir_all(dir).ok();
     }
 }
+
+/// Regression (found by the `model_dir` fuzz target: GPT-NeoX with `num_attention_heads: 0`
+/// divided by zero). Head counts that are zero or do not divide the width are configuration
+/// errors naming the file, in every family.
+#[test]
+fn head_counts_that_do_not_divide_the_width_are_config_errors() {
+    let cases: [(&str, &str, &str); 6] = [
+        ("gptneox_x1", "lm/config.json", "num_attention_heads"),
+        ("llama_x1", "lm/config.json", "num_attention_heads"),
+        ("llama_x1", "lm/config.json", "num_key_value_heads"),
+        ("mpt_x1", "lm/config.json", "n_heads"),
+        ("mosaicgpt_x1", "lm/config.json", "n_heads"),
+        ("mpt_x1", "clip/open_clip_config.json", "head_width"),
+    ];
+    for (case, file, key) in cases {
+        for value in [0u64, 7] {
+            let dir = copy_model(case, "heads");
+            let path = dir.join(file);
+            let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let slot = if key == "head_width" { &mut v["vision_cfg"][key] } else { &mut v[key] };
+            *slot = serde_json::json!(value);
+            std::fs::write(&path, v.to_string()).unwrap();
+            let e = load_err(&dir);
+            assert!(e.contains(file.rsplit('/').next().unwrap()), "{case} {key} = {value}: {e}");
+            std::fs::remove_dir_all(dir).ok();
+        }
+    }
+}

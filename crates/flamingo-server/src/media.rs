@@ -142,14 +142,20 @@ pub async fn decode(spec: &Arc<MediaSpec>, items: &[MediaItem], fetched: Vec<Vec
     .map_err(|e| ApiError::internal(format!("media worker failed: {e}")))?
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
+/// What a media item's fetched bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// One image file.
     Image,
+    /// One animated GIF whose frames are a video's.
     Animation,
+    /// A video's frames, one image file each.
     Frames,
 }
 
-fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, kind: Kind, param: &str) -> Result<PreparedMedia, ApiError> {
+/// One item's fetched bytes decoded and preprocessed (`param` names it in errors). A file that
+/// cannot be used is the client's mistake (a 400); the fuzz target `media` holds it to that.
+pub fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, kind: Kind, param: &str) -> Result<PreparedMedia, ApiError> {
     let bad = |e: String| ApiError::bad_request(format!("the media at {param} cannot be used: {e}")).param(param.to_string());
     let internal = |e: flamingo_model::candle::Error| ApiError::internal(e.to_string());
     let frames: Vec<Tensor> = match (kind, bytes.as_slice()) {
@@ -157,15 +163,13 @@ fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, kind: Kind, param: &str) -
         (Kind::Animation, [one]) => {
             // One URL: an animated image whose frames are the video's frames.
             let max = spec.max_frames.unwrap_or(1).min(spec.max_video_frames);
-            let imgs = gif_frames(one, &spec.limits, max).map_err(bad)?;
-            if imgs.len() > max {
-                return Err(bad(format!("the animation has {} frames; at most {max} are allowed", imgs.len())));
-            }
             let size = spec.image_size;
-            imgs.iter()
-                .map(|img| Tensor::from_vec(preprocess::pixels(img, size, spec.resize), (3, size, size), &spec.device))
-                .collect::<Result<_, _>>()
-                .map_err(internal)?
+            // Each frame preprocessed as it is decoded: one full-size frame in memory at a time.
+            let frames = gif_frames(one, &spec.limits, max, |img| preprocess::pixels(&img, size, spec.resize)).map_err(bad)?;
+            if frames.len() > max {
+                return Err(bad(format!("the animation has {} frames; at most {max} are allowed", frames.len())));
+            }
+            frames.into_iter().map(|px| Tensor::from_vec(px, (3, size, size), &spec.device)).collect::<Result<_, _>>().map_err(internal)?
         }
         (Kind::Frames, frames) if !frames.is_empty() => {
             frames.iter().map(|b| spec.pixels(b).map_err(|e| bad(e.to_string()))).collect::<Result<_, _>>()?
@@ -183,24 +187,30 @@ fn prepare_one(spec: &MediaSpec, bytes: Vec<Vec<u8>>, kind: Kind, param: &str) -
     Ok(PreparedMedia { key: media_key(&all, &format!("{}-{tag}", spec.preprocessing())), pixels })
 }
 
-/// Decodes every frame of an animated GIF (composited, as displayed) as RGB.
-/// Decodes at most `max + 1` frames (enough to tell that there are too many).
-fn gif_frames(bytes: &[u8], limits: &ImageLimits, max: usize) -> Result<Vec<PilImage>, String> {
+/// Decodes every frame of an animated GIF (composited, as displayed) as RGB and hands it to
+/// `each`. Decodes at most `max + 1` frames (enough to tell that there are too many).
+fn gif_frames<T>(bytes: &[u8], limits: &ImageLimits, max: usize, mut each: impl FnMut(PilImage) -> T) -> Result<Vec<T>, String> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
     if reader.format() != Some(image::ImageFormat::Gif) {
         return Err("a video given as one URL must be an animated GIF (or give a list of frame URLs)".into());
     }
     let (w, h) = reader.into_dimensions().map_err(|e| e.to_string())?;
+    if w == 0 || h == 0 {
+        return Err("the animation has zero size".into());
+    }
     if w > limits.max_side || h > limits.max_side || (w as u64) * (h as u64) > limits.max_pixels {
         return Err(format!("the animation is {w}x{h}, larger than the limits allow"));
     }
-    let dec = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes)).map_err(|e| e.to_string())?;
+    let mut dec = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes)).map_err(|e| e.to_string())?;
+    // A frame's own size is in its header, apart from the screen's: the decoder's limits
+    // bound the buffers it allocates for it.
+    image::ImageDecoder::set_limits(&mut dec, limits.decoder_limits()).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for f in dec.into_frames().take(max + 1) {
         let f = f.map_err(|e| e.to_string())?;
         let rgba = f.into_buffer();
         let data: Vec<u8> = rgba.pixels().flat_map(|p| [p.0[0], p.0[1], p.0[2]]).collect();
-        out.push(PilImage { mode: PilMode::Rgb, width: rgba.width() as usize, height: rgba.height() as usize, data });
+        out.push(each(PilImage { mode: PilMode::Rgb, width: rgba.width() as usize, height: rgba.height() as usize, data }));
     }
     if out.is_empty() {
         return Err("the animation has no frames".into());
@@ -218,6 +228,15 @@ mod tests {
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().and_then(|t| t.to_vec1()).unwrap()
+    }
+
+    /// Regression (found by the `media` fuzz target): a GIF whose screen is 8 x 0 went on to
+    /// the resize, which divided by its zero height and panicked.
+    #[test]
+    fn a_zero_sized_animation_is_refused() {
+        let gif = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/regressions/media/gif-zero-height")).unwrap();
+        let e = prepare_one(&spec(Resize::Crop), vec![gif[1..].to_vec()], Kind::Animation, "v").unwrap_err();
+        assert!(e.status.is_client_error() && e.message.contains("zero size"), "{}", e.message);
     }
 
     #[test]
@@ -239,7 +258,7 @@ mod tests {
         let video = crate::world::Media::Video(crate::world::scene::sample_video(&mut rng));
         let gif = video.encode();
         let anim = prepare_one(&stretch, vec![gif.clone()], Kind::Animation, "v").unwrap();
-        let decoded = gif_frames(&gif, &ImageLimits::default(), 8).unwrap();
+        let decoded = gif_frames(&gif, &ImageLimits::default(), 8, |img| img).unwrap();
         assert_eq!(anim.pixels.dims()[0], decoded.len());
         assert_eq!(values(&anim.pixels.get(0).unwrap()), preprocess::stretch_pixels(&decoded[0], 96));
     }

@@ -4,13 +4,14 @@
 
 use flamingo_engine::{ModelSpec, PreparedMedia, SamplingParams, StopParams, ValidRequest, MAX_BEAMS};
 use flamingo_model::sampling::Strategy;
+use flamingo_model::FlamingoTokenizer;
 
 use crate::api::{ChatRequest, CompletionRequest, GenParams, PromptSpec};
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::media::MediaItem;
 use crate::state::{AppState, Runtime};
-use crate::template::MediaRef;
+use crate::template::{ChatTemplate, MediaRef};
 
 /// Parses a JSON body, naming the offending field in the error.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -264,14 +265,26 @@ pub fn chat(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation, ApiE
 
 fn chat_parsed(st: &AppState, rt: &Runtime, req: &ChatRequest, params: &GenParams) -> Result<Generation, ApiError> {
     check_model(st, req.model.as_deref())?;
-    let plan = plan(params, Kind::Chat, chat_logprobs(req)?, &Bounds::of(&st.cfg.limits))?;
-    let prompt = rt.template.apply(&req.messages)?;
-    let ids = rt
-        .tokenizer
-        .encode_segments(&prompt.segments())
-        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the messages: {e}")))?;
+    let g = chat_generation(req, params, &Bounds::of(&st.cfg.limits), rt.template, &rt.tokenizer)?;
+    checked(st, rt, g)
+}
+
+/// The checks of a chat request that need no engine: its generation plan, the messages
+/// through `template`, the prompt tokenized, its media listed. Every error is the client's (a
+/// 4xx); the fuzz target `request` holds it to that.
+pub fn chat_generation(
+    req: &ChatRequest,
+    params: &GenParams,
+    bounds: &Bounds,
+    template: ChatTemplate,
+    tokenizer: &FlamingoTokenizer,
+) -> Result<Generation, ApiError> {
+    let plan = plan(params, Kind::Chat, chat_logprobs(req)?, bounds)?;
+    let prompt = template.apply(&req.messages)?;
+    let ids =
+        tokenizer.encode_segments(&prompt.segments()).map_err(|e| ApiError::bad_request(format!("cannot tokenize the messages: {e}")))?;
     let media = prompt.media.into_iter().zip(prompt.media_params).map(|(source, param)| MediaItem { source, param }).collect();
-    checked(st, rt, Generation { prompt: ids, prepared: Vec::new(), media, plan, echo: None })
+    Ok(Generation { prompt: ids, prepared: Vec::new(), media, plan, echo: None })
 }
 
 /// The chat request's `logprobs` / `top_logprobs` as the alternatives per token asked for.
@@ -328,8 +341,21 @@ pub fn completion(st: &AppState, rt: &Runtime, body: &[u8]) -> Result<Generation
     completion_parsed(st, rt, &parse_json(body)?, parse_json(body)?)
 }
 
-fn completion_parsed(st: &AppState, rt: &Runtime, req: &CompletionRequest, mut params: GenParams) -> Result<Generation, ApiError> {
+fn completion_parsed(st: &AppState, rt: &Runtime, req: &CompletionRequest, params: GenParams) -> Result<Generation, ApiError> {
     check_model(st, req.model.as_deref())?;
+    let g = completion_generation(req, params, &Bounds::of(&st.cfg.limits), &rt.tokenizer)?;
+    checked(st, rt, g)
+}
+
+/// The checks of a completion request that need no engine: `echo` and its combinations, the
+/// generation plan, the raw prompt tokenized (its special tokens parsed), one image per
+/// `<image>`. Every error is the client's (a 4xx).
+pub fn completion_generation(
+    req: &CompletionRequest,
+    mut params: GenParams,
+    bounds: &Bounds,
+    tokenizer: &FlamingoTokenizer,
+) -> Result<Generation, ApiError> {
     let echo = req.echo.unwrap_or(false);
     if echo && params.stream.unwrap_or(false) {
         return Err(ApiError::bad_request("`echo` is supported without `stream` only").param("echo"));
@@ -346,12 +372,12 @@ fn completion_parsed(st: &AppState, rt: &Runtime, req: &CompletionRequest, mut p
         return Err(ApiError::bad_request("`suffix` is not supported").param("suffix"));
     }
     let prompt = single_prompt(req.prompt.clone())?;
-    let mut plan = plan(&params, Kind::Completion, req.logprobs.map(|k| k as usize), &Bounds::of(&st.cfg.limits))?;
+    let mut plan = plan(&params, Kind::Completion, req.logprobs.map(|k| k as usize), bounds)?;
     if score_only {
         plan.max_new = 0;
     }
-    let ids = rt.tokenizer.encode_prompt(&prompt).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))?;
-    let slots = ids.iter().filter(|&&t| t == rt.tokenizer.media_token_id()).count();
+    let ids = tokenizer.encode_prompt(&prompt).map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))?;
+    let slots = ids.iter().filter(|&&t| t == tokenizer.media_token_id()).count();
     if slots != req.images.len() {
         return Err(ApiError::bad_request(format!("the prompt has {slots} <image> markers but {} images were given", req.images.len()))
             .param("images"));
@@ -362,13 +388,21 @@ fn completion_parsed(st: &AppState, rt: &Runtime, req: &CompletionRequest, mut p
         .enumerate()
         .map(|(i, im)| MediaItem { source: MediaRef::Image(im.url().to_string()), param: format!("images[{i}]") })
         .collect();
-    checked(st, rt, Generation { prompt: ids, prepared: Vec::new(), media, plan, echo: echo.then_some(prompt) })
+    Ok(Generation { prompt: ids, prepared: Vec::new(), media, plan, echo: echo.then_some(prompt) })
 }
 
 /// The size limits, checked before any media is fetched: images per request, prompt tokens,
 /// and the KV-cache reservation of every choice (beams included) against the engine's budget.
 fn checked(st: &AppState, rt: &Runtime, g: Generation) -> Result<Generation, ApiError> {
-    let l = &st.cfg.limits;
+    check_sizes(&st.cfg.limits, &g)?;
+    for sampling in &g.plan.choices {
+        rt.engine.check_budget(g.prompt.len(), sampling, g.plan.max_new.max(1)).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    Ok(g)
+}
+
+/// Images per request and prompt tokens within the limits.
+pub fn check_sizes(l: &Limits, g: &Generation) -> Result<(), ApiError> {
     let images = g.media.len() + g.prepared.len();
     if images > l.max_images_per_request {
         return Err(ApiError::bad_request(format!("at most {} images per request are allowed (got {images})", l.max_images_per_request)));
@@ -380,10 +414,7 @@ fn checked(st: &AppState, rt: &Runtime, g: Generation) -> Result<Generation, Api
             l.max_prompt_tokens
         )));
     }
-    for sampling in &g.plan.choices {
-        rt.engine.check_budget(g.prompt.len(), sampling, g.plan.max_new.max(1)).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    }
-    Ok(g)
+    Ok(())
 }
 
 /// The engine's requests, one per choice, once the media are prepared.

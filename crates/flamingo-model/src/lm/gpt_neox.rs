@@ -127,7 +127,7 @@ pub fn load(config: &serde_json::Value, vocab_rows: usize, vb: VarBuilder) -> Re
     let act = Activation::from_hf_name(&cfg.hidden_act)
         .ok_or_else(|| candle_core::Error::Msg(format!("unsupported hidden_act {}", cfg.hidden_act)))?;
     let (d, heads) = (cfg.hidden_size, cfg.num_attention_heads);
-    let head_dim = d / heads;
+    let head_dim = super::head_dim(d, heads, "hidden_size / num_attention_heads")?;
     let pct = cfg.partial_rotary_factor.or(cfg.rotary_pct).unwrap_or(0.25);
     let base = cfg.rope_theta.or(cfg.rotary_emb_base).unwrap_or(10000.0);
     let rot_dims = (head_dim as f64 * pct) as usize;

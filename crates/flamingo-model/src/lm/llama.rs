@@ -157,7 +157,16 @@ fn build(cfg: &LlamaConfig, embed_tokens: Tensor, lm_head: Tensor, vb: VarBuilde
     let d = cfg.hidden_size;
     let heads = cfg.num_attention_heads;
     let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
-    let head_dim = cfg.head_dim.unwrap_or(d / heads);
+    // Grouped queries: each K/V head serves `heads / kv_heads` query heads.
+    if heads == 0 {
+        candle_core::bail!("num_attention_heads must be positive");
+    }
+    super::head_dim(heads, kv_heads, "num_attention_heads / num_key_value_heads")?;
+    let head_dim = match cfg.head_dim {
+        Some(h) if h > 0 => h,
+        Some(_) => candle_core::bail!("head_dim must be positive"),
+        None => super::head_dim(d, heads, "hidden_size / num_attention_heads")?,
+    };
     let rotary = std::sync::Arc::new(Rotary::new(head_dim, cfg.rope_theta));
     let m = vb.pp("model");
     let layers = (0..cfg.num_hidden_layers)

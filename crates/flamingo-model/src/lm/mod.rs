@@ -264,6 +264,15 @@ impl SelfAttention {
 /// Attention of one new token (row `row` of `q`) over a sequence's whole cache, written to
 /// `out` (`heads * head_dim`): `softmax(q·kᵀ·scale + alibi)·v` per head, in f32, with the same
 /// ALiBi bias as the batched path (`slope · (j − (s − 1))`).
+/// The width of one attention head, `width / heads`: a configuration error (naming `what`)
+/// unless `heads` is positive and divides `width`.
+pub fn head_dim(width: usize, heads: usize, what: &str) -> Result<usize> {
+    if heads == 0 || !width.is_multiple_of(heads) {
+        candle_core::bail!("{what}: {heads} attention heads do not divide a width of {width}");
+    }
+    Ok(width / heads)
+}
+
 fn decode_attention(a: &SelfAttention, q: &Tensor, row: usize, cache: &crate::state::KvCache, out: &mut [f32]) -> Result<()> {
     let (kb, vb, s) = cache.buffers().ok_or_else(|| candle_core::Error::Msg("empty kv cache".into()))?;
     let cap = kb.dim(1)?;

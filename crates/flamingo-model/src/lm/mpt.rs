@@ -145,6 +145,7 @@ pub struct MptModel {
 impl MptModel {
     /// `vb` points at the model root (keys `transformer.*`); `vocab_rows` is the tokenizer length.
     pub fn new(cfg: &MptSettings, names: &MptNames, vocab_rows: usize, vb: VarBuilder) -> Result<Self> {
+        super::head_dim(cfg.d_model, cfg.n_heads, "d_model / n_heads")?;
         let t = vb.pp("transformer");
         let wte = t.get_unchecked("wte.weight")?;
         if wte.dims2()?.1 != cfg.d_model {

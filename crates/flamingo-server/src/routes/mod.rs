@@ -16,7 +16,7 @@ use axum::Router;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-pub use fewshot::{register_in_process, score_in_process, ScoreBody, Scored, CANDIDATES};
+pub use fewshot::{register_in_process, score_in_process, ScoreBody, ScoreRequest, Scored, CANDIDATES};
 pub use generate::chat_in_process;
 
 /// Every route the server answers.

@@ -1,0 +1,7 @@
+//! `cargo fuzz run --features libfuzzer media`: see `flamingo_fuzz::media`.
+#![no_main]
+
+#[global_allocator]
+static ALLOC: flamingo_fuzz::alloc::Capped = flamingo_fuzz::alloc::Capped;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| flamingo_fuzz::media::run(data));
