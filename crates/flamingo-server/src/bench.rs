@@ -72,6 +72,18 @@ pub struct BenchArgs {
     /// With --url: the server's process id, to report its peak RSS (Linux, same machine).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// With --url: a soak instead: `--concurrency`'s first value of clients send requests back
+    /// to back for this many seconds, above the server's capacity, with slow clients beside
+    /// them; reports refusals, completions, latency, slow clients and the server's memory.
+    #[arg(long)]
+    soak_seconds: Option<u64>,
+    /// With --soak-seconds: slow clients of each kind (readers that leave a stream unread,
+    /// connections that trickle a body, connections that trickle headers).
+    #[arg(long, default_value_t = 2)]
+    slow_clients: usize,
+    /// With --soak-seconds: how long a slow reader leaves its stream unread.
+    #[arg(long, default_value_t = 5)]
+    stall_seconds: u64,
     /// Sample every token at temperature 1 with this top-p (seeded) instead of
     /// greedy decoding, to include sampling's cost in the figures.
     #[arg(long)]
@@ -200,6 +212,25 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if let (Some(url), Some(secs)) = (&a.url, a.soak_seconds) {
+        let spec = flamingo_server::soak::SoakSpec {
+            url: url.clone(),
+            api_key: a.api_key.clone(),
+            clients: a.concurrency.first().copied().unwrap_or(1),
+            duration: Duration::from_secs(secs),
+            max_tokens: a.max_tokens,
+            slow: a.slow_clients,
+            stall: Duration::from_secs(a.stall_seconds),
+            server_pid: a.server_pid,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let report = rt.block_on(flamingo_server::soak::run(&spec))?;
+        flamingo_server::soak::print(&spec, &report);
+        if let Some(path) = &a.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        }
+        return Ok(());
+    }
     if let Some(url) = &a.url {
         let spec = flamingo_server::loadgen::LoadSpec {
             url: url.clone(),

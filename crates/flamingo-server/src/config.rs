@@ -61,6 +61,7 @@ pub struct ServerSection {
     pub log_format: String,
     pub shutdown_grace_seconds: u64,
     pub retry_after_seconds: u64,
+    pub client_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,6 +224,9 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
         if !matches!(self.server.log_format.as_str(), "text" | "json") {
             return bad("server.log_format must be \"text\" or \"json\"");
+        }
+        if self.server.client_timeout_seconds == 0 {
+            return bad("server.client_timeout_seconds must be positive");
         }
         if self.server.api_keys.iter().any(|k| k.trim().is_empty()) {
             return bad("server.api_keys must not contain empty keys");

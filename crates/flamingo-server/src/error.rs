@@ -54,6 +54,9 @@ impl ApiError {
             ..Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the request body is larger than {limit} bytes"))
         }
     }
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self { code: Some("request_timeout"), ..Self::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", message) }
+    }
     pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
         Self {
             code: Some("overloaded"),

@@ -22,6 +22,7 @@ mod middleware;
 pub mod respond;
 pub mod routes;
 pub mod server;
+pub mod soak;
 pub mod state;
 pub mod store;
 pub mod stream;

@@ -25,14 +25,20 @@ pub struct LoadSpec {
     pub seed: u64,
 }
 
-/// One request's timings.
+/// One request's timings and how it ended.
 #[derive(Debug, Clone, Default)]
-struct Sample {
-    ttft: Option<f64>,
-    itl: Vec<f64>,
-    e2e: f64,
-    tokens: usize,
-    error: Option<String>,
+pub(crate) struct Sample {
+    pub(crate) ttft: Option<f64>,
+    pub(crate) itl: Vec<f64>,
+    pub(crate) e2e: f64,
+    pub(crate) tokens: usize,
+    pub(crate) error: Option<String>,
+    /// The response's status (none when no response came).
+    pub(crate) status: Option<u16>,
+    /// The refusal carried `Retry-After`.
+    pub(crate) retry_after: bool,
+    /// The stream ended with a finish reason and `[DONE]`.
+    pub(crate) finished: bool,
 }
 
 /// Percentiles of a list of seconds, in milliseconds.
@@ -45,7 +51,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut v: Vec<f64>) -> Option<Self> {
+    pub(crate) fn of(mut v: Vec<f64>) -> Option<Self> {
         if v.is_empty() {
             return None;
         }
@@ -73,31 +79,53 @@ pub struct LoadReport {
 
 /// The chat body every request sends: an image of the shapes world and a question.
 fn body(spec: &LoadSpec, i: usize) -> Value {
-    let mut rng = crate::world::rng(spec.seed.wrapping_add(i as u64), crate::world::Split::Eval);
+    chat_body(spec.seed.wrapping_add(i as u64), spec.max_tokens, i)
+}
+
+/// A streamed chat request of `max_tokens` new tokens about image `seed` of the shapes world.
+pub(crate) fn chat_body(seed: u64, max_tokens: usize, i: usize) -> Value {
+    let mut rng = crate::world::rng(seed, crate::world::Split::Eval);
     let image = crate::world::Media::Image(crate::world::scene::sample_scene(&mut rng, 1 + i % 4)).encode();
     let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(image));
     json!({
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe the image."}]}],
-        "max_tokens": spec.max_tokens, "ignore_eos": true, "stream": true,
+        "max_tokens": max_tokens, "ignore_eos": true, "stream": true,
         "stream_options": {"include_usage": true}, "temperature": 0,
     })
 }
 
 /// One streamed request: its TTFT, ITLs and end-to-end latency.
 async fn one(http: &reqwest::Client, spec: &LoadSpec, body: Value) -> Sample {
+    stream_one(http, &spec.url, spec.api_key.as_deref(), body, None).await
+}
+
+/// A pause in reading a reply: how long, and a count of the requests pausing now.
+pub(crate) struct Stall {
+    pub(crate) duration: Duration,
+    pub(crate) now: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One streamed chat request to `url`. With `stall`, the reply is left unread for a while
+/// after its first chunk (a client reading slowly).
+pub(crate) async fn stream_one(http: &reqwest::Client, url: &str, api_key: Option<&str>, body: Value, stall: Option<Stall>) -> Sample {
     let t0 = Instant::now();
     let mut req = http
-        .post(format!("{}/v1/chat/completions", spec.url.trim_end_matches('/')))
+        .post(format!("{}/v1/chat/completions", url.trim_end_matches('/')))
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body.to_string());
-    if let Some(k) = &spec.api_key {
+    if let Some(k) = api_key {
         req = req.bearer_auth(k);
     }
     let mut s = Sample::default();
     let mut resp = match req.send().await {
-        Ok(r) if r.status().is_success() => r,
+        Ok(r) if r.status().is_success() => {
+            s.status = Some(r.status().as_u16());
+            r
+        }
         Ok(r) => {
+            s.status = Some(r.status().as_u16());
+            s.retry_after = r.headers().contains_key(reqwest::header::RETRY_AFTER);
             s.error = Some(format!("HTTP {}", r.status()));
             return s;
         }
@@ -108,6 +136,8 @@ async fn one(http: &reqwest::Client, spec: &LoadSpec, body: Value) -> Sample {
     };
     let mut buf = Vec::new();
     let mut last: Option<Instant> = None;
+    let mut saw_finish = false;
+    let mut stall = stall;
     loop {
         let chunk: axum::body::Bytes = match resp.chunk().await {
             Ok(Some(c)) => c,
@@ -118,15 +148,25 @@ async fn one(http: &reqwest::Client, spec: &LoadSpec, body: Value) -> Sample {
             }
         };
         buf.extend_from_slice(&chunk);
+        if let Some(st) = stall.take() {
+            use std::sync::atomic::Ordering;
+            st.now.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(st.duration).await;
+            st.now.fetch_sub(1, Ordering::SeqCst);
+        }
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..end + 2).collect();
             let Some(data) = std::str::from_utf8(&event).ok().and_then(|e| e.trim().strip_prefix("data: ")) else { continue };
             if data == "[DONE]" {
+                s.finished = s.error.is_none() && saw_finish;
                 continue;
             }
             let Ok(v) = serde_json::from_str::<Value>(data) else { continue };
             if let Some(e) = v.get("error") {
                 s.error = Some(e.to_string());
+            }
+            if v.pointer("/choices/0/finish_reason").is_some_and(|f| !f.is_null()) {
+                saw_finish = true;
             }
             if let Some(n) = v.pointer("/usage/completion_tokens").and_then(Value::as_u64) {
                 s.tokens = n as usize;

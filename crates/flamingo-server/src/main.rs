@@ -160,7 +160,18 @@ fn run_serve(a: ServeArgs) -> Result<()> {
     let cfg = Config::load(a.config.as_deref(), &|k| std::env::var(k).ok(), &flags)?;
     init_logs(&cfg.server.log_format, "info");
     let source = flamingo_server::server::ModelSource::from_config(&cfg.model.path);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The blocking pool (image decoding, store I/O) is capped at twice the cores, and its
+    // threads are kept: each thread has an allocator heap of its own, and a pool that grew a
+    // thread per concurrent request (tokio's default allows 512) held 490 MiB after a 2-minute
+    // soak of 16 clients against flamingo-mini, and was still growing, where 4 threads plateau
+    // at 240 MiB with the same throughput (BENCHMARKS.md). At least 4: the model loader holds
+    // one while it waits for the stored demonstration sets it restores.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads((2 * cores).max(4))
+        .thread_keep_alive(std::time::Duration::from_secs(60))
+        .build()?;
     rt.block_on(async move {
         let handle = flamingo_server::server::serve(cfg, source, true).await?;
         handle.wait().await

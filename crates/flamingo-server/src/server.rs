@@ -52,6 +52,7 @@ pub async fn serve(cfg: Config, source: ModelSource, handle_signals: bool) -> an
         }
         handle.block_on(loader.restore_demonstrations());
     });
+    let client_timeout = st.cfg.server.client_timeout_seconds;
     let shutdown = Arc::new(Notify::new());
     let (app, signal, draining, served) = (router(st.clone()), shutdown.clone(), st.clone(), st.clone());
     let task = tokio::spawn(async move {
@@ -63,13 +64,79 @@ pub async fn serve(cfg: Config, source: ModelSource, handle_signals: bool) -> an
             };
             drain(&draining, reason).await;
         };
-        axum::serve(listener, app).with_graceful_shutdown(stop).await?;
+        serve_connections(listener, app, stop, Duration::from_secs(client_timeout)).await;
         if !served.is_loaded() {
             anyhow::bail!("the model failed to load");
         }
         Ok(())
     });
     Ok(ServerHandle { addr, state: st, shutdown, task })
+}
+
+/// Serves connections until `stop` completes, then lets each finish the exchange it is in and
+/// waits for them all (as `axum::serve` with a graceful shutdown does), with one addition: a
+/// client must send a request's headers within `header_timeout`, or its connection is closed
+/// (a client trickling them holds a connection no longer than that).
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    header_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tokio::sync::watch;
+    // `stopping` turns true when `stop` completes; every connection holds a `closed` receiver,
+    // so `done.closed()` resolves when the last one ends.
+    let (stop_tx, stopping) = watch::channel(false);
+    tokio::spawn(async move {
+        stop.await;
+        let _ = stop_tx.send(true);
+    });
+    let (done, closed) = watch::channel(());
+    let mut signal = stopping.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = async { drop(signal.wait_for(|s| *s).await) } => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: let it pass rather than spin.
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (mut stopping, closed) = (stopping.clone(), closed.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            let mut shutting_down = false;
+            loop {
+                tokio::select! {
+                    ended = conn.as_mut() => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = async { drop(stopping.wait_for(|s| *s).await) }, if !shutting_down => {
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(closed);
+        });
+    }
+    drop(closed);
+    drop(listener);
+    done.closed().await;
 }
 
 /// New requests get 503 from now on; waits for in-flight ones (up to the grace period).

@@ -333,11 +333,12 @@ fn sigterm_under_load_drains_every_stream() {
     let (status, lines) = server.wait_exit(EXIT_TIMEOUT);
     let all = lines.join("\n");
     assert!(status.success(), "{status}: {all}");
-    // The drain began with every stream in flight.
+    // The drain began with every stream in flight (and perhaps a late request sent just before
+    // the signal was handled).
     let drain = lines
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| v["message"].as_str().is_some_and(|m| m.starts_with("shutting down")))
         .unwrap_or_else(|| panic!("no shutdown line:\n{all}"));
-    assert_eq!(drain["inflight"], STREAMS, "{drain}");
+    assert!(drain["inflight"].as_u64().is_some_and(|n| n >= STREAMS as u64), "{drain}");
 }

@@ -512,6 +512,8 @@ enum Body {
     None,
     Json(Value),
     Raw(&'static str, Vec<u8>),
+    /// A JSON body announced at this length of which only the start ever arrives.
+    Stalled(u64),
 }
 
 struct Reply {
@@ -586,6 +588,12 @@ impl Checker {
             }
             Body::Raw(ct, bytes) => {
                 rb = rb.header("content-type", ct).body(bytes);
+                None
+            }
+            Body::Stalled(len) => {
+                let start = futures::stream::once(async { Ok::<_, std::io::Error>(b"{\"messages\": [".to_vec()) });
+                let body = reqwest::Body::wrap_stream(futures::StreamExt::chain(start, futures::stream::pending()));
+                rb = rb.header("content-type", "application/json").header("content-length", len.to_string()).body(body);
                 None
             }
         };
@@ -1085,6 +1093,16 @@ async fn responses_match_the_spec() {
     assert_eq!(c.get(b, "/health", "/health").await.status, 200);
     assert_eq!(c.get(b, "/metrics", "/metrics").await.status, 401);
     assert_eq!(c.send(b, Method::GET, Some("/metrics"), "/metrics", Body::None, &key).await.status, 200);
+    handle.shutdown().await.unwrap();
+
+    // ---- a body that does not arrive within the client timeout: 408
+    let mut slow = cfg();
+    slow.server.client_timeout_seconds = 1;
+    let (handle, base) = start(slow).await;
+    for template in [CHAT, COMPLETIONS, SCORE, DEMOS] {
+        let r = c.send(&base, Method::POST, Some(template), template, Body::Stalled(1000), &[]).await;
+        assert_eq!((r.status, r.json["error"]["code"].as_str()), (408, Some("request_timeout")), "{template}: {}", r.json);
+    }
     handle.shutdown().await.unwrap();
 
     // ---- a server whose model is not loaded: 503

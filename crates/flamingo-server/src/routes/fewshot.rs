@@ -154,7 +154,7 @@ async fn chat_scoring(st: &AppState, rt: &Runtime, req: &ScoreRequest, messages:
 
 pub(super) async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let _guard = Inflight::new(&st);
-    let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
+    let bytes = read_body(body, &headers, &st).await?;
     Ok(Json(score_in_process(&st, &bytes).await?).into_response())
 }
 
@@ -271,7 +271,7 @@ pub const CANDIDATES: &str = "flamingo_score_candidates";
 
 pub(super) async fn create_set(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let _guard = Inflight::new(&st);
-    let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
+    let bytes = read_body(body, &headers, &st).await?;
     let (card, created) = register_in_process(&st, &bytes).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(card)).into_response())

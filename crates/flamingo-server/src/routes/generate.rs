@@ -33,14 +33,20 @@ enum Which {
     Completion,
 }
 
-/// Reads the body under the configured limit (413 above it).
-pub(super) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+/// Reads the body under the configured limit (413 above it) within the client timeout (408).
+pub(super) async fn read_body(body: Body, headers: &HeaderMap, st: &AppState) -> Result<axum::body::Bytes, ApiError> {
+    let limit = st.cfg.limits.max_body_bytes;
     if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
         if len > limit as u64 {
             return Err(ApiError::too_large(limit));
         }
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    // A body trickled in slowly holds its request no longer than the client timeout.
+    let timeout = std::time::Duration::from_secs(st.cfg.server.client_timeout_seconds);
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| ApiError::request_timeout(format!("the request body did not arrive within {} s", timeout.as_secs())))?;
+    read.map_err(|e| {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {
             if s.to_string().contains("length limit exceeded") {
@@ -100,7 +106,7 @@ async fn submit(st: &AppState, rt: &Runtime, bytes: &[u8], which: Which) -> Resu
 async fn generate<E: Endpoint>(st: Arc<AppState>, headers: HeaderMap, body: Body, which: Which) -> Result<Response, ApiError> {
     let guard = Inflight::new(&st);
     let rt = st.runtime()?;
-    let bytes = read_body(body, &headers, st.cfg.limits.max_body_bytes).await?;
+    let bytes = read_body(body, &headers, &st).await?;
     let Submitted { streams, plan, prompt_tokens, echo } = submit(&st, rt, &bytes, which).await?;
     if let Some(echo) = echo {
         let meta = Meta::new::<Completion>(&st.served_name, prompt_tokens);
