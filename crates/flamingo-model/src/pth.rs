@@ -167,20 +167,17 @@ pub fn check_pickle(data: &[u8]) -> std::result::Result<(), String> {
                 take(&mut at, len)?;
                 stack.push(Item::Object(1));
             }
-            b'J' => {
-                take(&mut at, 4)?;
-                stack.push(Item::Object(1));
-            }
-            b'K' => {
-                take(&mut at, 1)?;
-                stack.push(Item::Object(1));
-            }
-            b'M' => {
-                take(&mut at, 2)?;
-                stack.push(Item::Object(1));
-            }
-            b'G' => {
-                take(&mut at, 8)?;
+            // Numbers of a fixed size: BININT, BININT1, BININT2, BINFLOAT.
+            b'J' | b'K' | b'M' | b'G' => {
+                take(
+                    &mut at,
+                    match op {
+                        b'K' => 1,
+                        b'M' => 2,
+                        b'J' => 4,
+                        _ => 8,
+                    },
+                )?;
                 stack.push(Item::Object(1));
             }
             b')' | b'}' | b'd' | b']' | b'N' | 0x88 | 0x89 => stack.push(Item::Object(1)),
