@@ -121,9 +121,22 @@ async fn a_panic_inside_the_engine_is_a_500_and_the_server_goes_on() {
     let text = logs.text();
     assert_eq!(text.matches("the engine panicked in a scheduling step").count(), 4, "{text}");
     assert!(text.contains("fault injection"), "the panic's message is logged: {text}");
+    // The engine thread updates its counts just after it answers the step's last request, so
+    // the test waits (a bounded time) for it to settle.
     let stats = st.engine_stats().expect("loaded");
-    assert_eq!(stats.running.load(std::sync::atomic::Ordering::SeqCst), 0);
-    assert_eq!(st.model().expect("loaded").engine.waiting(), 0);
+    let engine = &st.model().expect("loaded").engine;
+    let settled = async {
+        while stats.running.load(std::sync::atomic::Ordering::SeqCst) != 0 || engine.waiting() != 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let idle = tokio::time::timeout(std::time::Duration::from_secs(10), settled).await;
+    assert!(
+        idle.is_ok(),
+        "nothing left running ({}) or waiting ({})",
+        stats.running.load(std::sync::atomic::Ordering::SeqCst),
+        engine.waiting()
+    );
     server.abort();
 }
 
