@@ -475,8 +475,14 @@ fn a_panic_inside_the_model_fails_its_step_and_the_engine_goes_on() {
     assert!(matches!(outcome(&mut again), Err(EngineError::Internal(_))));
     let mut rx = engine.submit(request(prompt(5, 9), vec![], 3)).unwrap();
     assert_eq!(outcome(&mut rx), Ok(3));
+    // The engine thread stores its counts just after it sends a step's events: wait (bounded).
+    let running = || engine.stats().running.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (engine.waiting() != 0 || running() != 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     assert_eq!(engine.waiting(), 0, "no request is counted as waiting after the panics");
-    assert_eq!(engine.stats().running.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(running(), 0);
 }
 
 /// The fake's logits after a sequence has seen `seen` with `media` attached (its forward, again).
