@@ -76,7 +76,8 @@ pub async fn serve(cfg: Config, source: ModelSource, handle_signals: bool) -> an
 /// Serves connections until `stop` completes, then lets each finish the exchange it is in and
 /// waits for them all (as `axum::serve` with a graceful shutdown does), with one addition: a
 /// client must send a request's headers within `header_timeout`, or its connection is closed
-/// (a client trickling them holds a connection no longer than that).
+/// (a client trickling them holds a connection no longer than that; the timer also runs while a
+/// kept-alive connection waits for its next request, so idle connections are closed too).
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: axum::Router,

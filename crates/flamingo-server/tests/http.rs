@@ -489,6 +489,45 @@ async fn disconnecting_cancels_generation() {
     s.stop().await;
 }
 
+/// A connection kept alive but left idle is closed after `server.client_timeout_seconds`, as
+/// one trickling its headers is: idle connections cannot pile up on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_client_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = cfg();
+    c.server.client_timeout_seconds = 1;
+    let s = Server::start(c).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.handle.as_ref().unwrap().addr).await.unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    // The whole response: its head, then as many body bytes as its Content-Length says.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let length = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))?;
+        (body.len() >= length.parse::<usize>().ok()?).then(|| head.to_string())
+    };
+    let head = loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("a response").unwrap();
+        assert!(n > 0, "the server closed before answering: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(head) = complete(&got) {
+            break head;
+        }
+    };
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection: close"), "kept alive: {head}");
+    // Idle from here: the server closes the connection after about a second.
+    let idle = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await.expect("closed within 10 s");
+    let held = idle.elapsed();
+    assert!(matches!(n, Ok(0) | Err(_)), "no more bytes, the connection closes: {n:?}");
+    assert!(held >= Duration::from_millis(500) && held < Duration::from_secs(4), "held idle for {held:?}");
+    drop(tcp);
+    s.stop().await;
+}
+
 /// A plain HTTP server on 127.0.0.x serving one PNG.
 async fn image_server(ip: &str) -> std::net::SocketAddr {
     let png = std::fs::read(image_path("small.png")).unwrap();
