@@ -26,12 +26,31 @@ pub fn respond<E: Endpoint>(st: Arc<AppState>, guard: Inflight, streams: Vec<Eve
         let _guard = guard;
         let closed = tx.clone();
         tokio::select! {
-            _ = drive::<E>(&st, streams, &plan, &meta, &tx) => {}
+            _ = contained(drive::<E>(&st, streams, &plan, &meta, &tx), &tx) => {}
             _ = closed.closed() => tracing::info!("client disconnected; generation cancelled"),
         }
     });
+    sse(rx)
+}
+
+fn sse(rx: mpsc::Receiver<SseEvent>) -> Response {
     let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
     Sse::new(body).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+/// Runs a stream's writer. Its headers are sent, so a panic inside it (a bug) can no longer be a
+/// 500: the stream ends with an error event in OpenAI's shape, as an engine error mid-stream
+/// does; the panic is logged and counted (`flamingo_panics_total{where="http"}`), and its
+/// sequences are cancelled as the writer's state is dropped.
+async fn contained(writer: impl std::future::Future<Output = ()>, tx: &mpsc::Sender<SseEvent>) {
+    use futures::FutureExt;
+    if let Err(payload) = std::panic::AssertUnwindSafe(writer).catch_unwind().await {
+        let message = flamingo_engine::panic_message(payload.as_ref());
+        tracing::error!(panic = %message, "a response stream panicked; it ends with an error event");
+        metrics::counter!(flamingo_engine::metrics::PANICS, "where" => "http").increment(1);
+        let error = ApiError::internal("internal error: the server failed while streaming this response");
+        let _ = tx.send(SseEvent::default().data(error.to_json())).await;
+    }
 }
 
 /// The client went away: stop (dropping the engine streams cancels their sequences).
@@ -164,4 +183,39 @@ async fn text_chunk<E: Endpoint>(
     let lp = plan.logprobs.map(|_| E::logprobs(&rt.tokenizer, logprobs, c.sent));
     c.sent += text.len();
     out.chunk::<E>(vec![E::text(i, text, lp)], None).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that panics after sending a chunk: the client gets the chunk, then an error
+    /// event in OpenAI's shape, and the stream ends (no `[DONE]`).
+    #[tokio::test]
+    async fn a_panicking_stream_writer_ends_its_stream_with_an_error_event() {
+        let (tx, rx) = mpsc::channel::<SseEvent>(8);
+        let writer = async {
+            let _ = tx.send(SseEvent::default().data("{\"first\":1}")).await;
+            panic!("deliberate panic in a test stream");
+        };
+        contained(writer, &tx).await;
+        drop(tx);
+        let body = axum::body::to_bytes(sse(rx).into_body(), 1 << 16).await.expect("body");
+        let text = String::from_utf8_lossy(&body);
+        let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(events.len(), 2, "{text}");
+        assert_eq!(events[0], "{\"first\":1}");
+        let error: serde_json::Value = serde_json::from_str(events[1]).expect("JSON");
+        assert_eq!(error["error"]["type"], "server_error", "{error}");
+    }
+
+    /// A writer that finishes normally sends nothing more.
+    #[tokio::test]
+    async fn a_stream_writer_that_returns_adds_nothing() {
+        let (tx, rx) = mpsc::channel::<SseEvent>(8);
+        contained(async { drop(tx.send(SseEvent::default().data("[DONE]")).await) }, &tx).await;
+        drop(tx);
+        let body = axum::body::to_bytes(sse(rx).into_body(), 1 << 16).await.expect("body");
+        assert_eq!(String::from_utf8_lossy(&body), "data: [DONE]\n\n");
+    }
 }

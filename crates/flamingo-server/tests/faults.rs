@@ -1,5 +1,6 @@
 //! Faults an operator's server meets, survived: a panic inside the engine (a bug) fails the
-//! requests it was running with a 500, is logged and counted, and the server keeps serving; a
+//! requests it was running with a 500 (a stream under way with an error event), is logged and
+//! counted, and the server keeps serving; a
 //! full disk refuses a demonstration set with a clear error and loses none already stored; the
 //! logs never carry an API key or an image; SIGTERM under load drains every in-flight stream
 //! and refuses new requests with 503.
@@ -109,6 +110,17 @@ async fn a_panic_inside_the_engine_is_a_500_and_the_server_goes_on() {
     assert_eq!(status, 500, "a scoring pass over the trigger panics too: {v}");
     let (status, v) = post("/v1/score", json!({"prompt": "A photo of", "candidates": [" a cat", " a dog"]})).await;
     assert_eq!(status, 200, "{v}");
+    // A stream is under way (headers sent) when the step panics: it ends with an error event.
+    let mut streamed = chat_with_image("Output: @", &image);
+    streamed["stream"] = json!(true);
+    let r = http.post(format!("{base}/v1/chat/completions")).json(&streamed).send().await.expect("request");
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.expect("stream");
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let last: Value = serde_json::from_str(events.last().copied().unwrap_or("null")).unwrap_or(Value::Null);
+    assert_eq!(last["error"]["type"], "server_error", "{text}");
+    assert!(last["error"]["message"].as_str().unwrap_or("").contains("panicked"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
 
     // Counted and logged; nothing left running or waiting.
     let metrics = http.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text");
@@ -117,9 +129,9 @@ async fn a_panic_inside_the_engine_is_a_500_and_the_server_goes_on() {
         .filter(|l| l.starts_with("flamingo_panics_total{") && l.contains("where=\"engine\""))
         .filter_map(|l| l.rsplit(" ").next()?.parse::<f64>().ok())
         .sum();
-    assert_eq!(panics, 4.0, "{metrics}");
+    assert_eq!(panics, 5.0, "{metrics}");
     let text = logs.text();
-    assert_eq!(text.matches("the engine panicked in a scheduling step").count(), 4, "{text}");
+    assert_eq!(text.matches("the engine panicked in a scheduling step").count(), 5, "{text}");
     assert!(text.contains("fault injection"), "the panic's message is logged: {text}");
     // The engine thread updates its counts just after it answers the step's last request, so
     // the test waits (a bounded time) for it to settle.
