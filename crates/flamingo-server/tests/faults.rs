@@ -1,9 +1,8 @@
 //! Faults an operator's server meets, survived: a panic inside the engine (a bug) fails the
 //! requests it was running with a 500 (a stream under way with an error event), is logged and
-//! counted, and the server keeps serving; a
-//! full disk refuses a demonstration set with a clear error and loses none already stored; the
-//! logs never carry an API key or an image; SIGTERM under load drains every in-flight stream
-//! and refuses new requests with 503.
+//! counted, and the server keeps serving; a full disk refuses a demonstration set with a clear
+//! error and loses none already stored; the logs never carry an API key or an image; SIGTERM
+//! under load drains every in-flight stream and refuses new requests with 503.
 
 mod common {
     pub mod process;
