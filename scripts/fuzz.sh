@@ -12,8 +12,9 @@
 # To keep what a long run found, merge it into the corpus (minimised):
 #   cargo fuzz run --features libfuzzer -s none TARGET -- -merge=1 fuzz/corpus/TARGET NEW_DIR
 # Builds without a sanitizer (-s none: the targets are safe Rust over parsers; the C decoders
-# are not instrumented either way), which needs no nightly toolchain. cargo-fuzz is installed
-# under target/tools when it is not on PATH.
+# are not instrumented either way), which needs no nightly toolchain; with one, AddressSanitizer:
+#   cargo +nightly fuzz run --features libfuzzer -s address TARGET -- -rss_limit_mb=4096
+# cargo-fuzz is installed under target/tools when it is not on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-30}
